@@ -1,0 +1,147 @@
+//! `shoal`: one binary for the control plane, the gateway, the supervisor (`up`)
+//! and the operator's commands (`status`). Each subcommand parses its flags and
+//! calls into the crate that does the work.
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use shoal_core::Error;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+mod status;
+
+fn cli() -> Command {
+    let system = Arg::new("system")
+        .long("system")
+        .value_name("FILE")
+        .default_value("shoal.toml")
+        .help("The system file");
+    let listen = Arg::new("listen")
+        .long("listen")
+        .value_name("ADDR")
+        .value_parser(clap::value_parser!(SocketAddr))
+        .help("Listen here instead of the system file's address");
+    let registry = Arg::new("registry")
+        .long("registry")
+        .value_name("URL")
+        .help("The control plane's URL");
+    Command::new("shoal")
+        .about("shoal: microservice patterns as working parts, on one machine or many")
+        .version(env!("CARGO_PKG_VERSION"))
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .subcommand(
+            Command::new("up")
+                .about("Build and run the whole system in the system file, supervised")
+                .arg(system.clone())
+                .arg(
+                    Arg::new("no-build")
+                        .long("no-build")
+                        .action(ArgAction::SetTrue)
+                        .help("Skip the build step"),
+                ),
+        )
+        .subcommand(
+            Command::new("status")
+                .about("Services, versions, instances, addresses, pids and health")
+                .arg(system.clone())
+                .arg(registry.clone())
+                .arg(
+                    Arg::new("json")
+                        .long("json")
+                        .action(ArgAction::SetTrue)
+                        .help("Machine-readable output"),
+                ),
+        )
+        .subcommand(
+            Command::new("control-plane")
+                .about("Run the control plane (service registry)")
+                .arg(system.clone())
+                .arg(listen.clone()),
+        )
+        .subcommand(
+            Command::new("gateway")
+                .about("Run the API gateway")
+                .arg(system)
+                .arg(listen)
+                .arg(registry.default_value("http://127.0.0.1:7070")),
+        )
+}
+
+fn system_file(m: &ArgMatches) -> Result<shoal_supervisor::SystemFile, Error> {
+    let path = m
+        .get_one::<String>("system")
+        .map(String::as_str)
+        .unwrap_or("shoal.toml");
+    shoal_supervisor::SystemFile::load(Path::new(path))
+}
+
+async fn control_plane(m: &ArgMatches) -> Result<(), Error> {
+    let mut cfg = system_file(m)?.control_plane;
+    if let Some(addr) = m.get_one::<SocketAddr>("listen") {
+        cfg.listen = *addr;
+    }
+    shoal_telemetry::logging::init("control-plane", "control-plane", &cfg.log_level)?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| {
+            Error::config(format!("control plane cannot listen on {}", cfg.listen)).with_source(e)
+        })?;
+    tracing::info!(addr = %listener.local_addr()?, "control plane listening");
+    shoal_control_plane::run(cfg, listener, shoal_core::shutdown::signal()).await
+}
+
+async fn gateway(m: &ArgMatches) -> Result<(), Error> {
+    let mut cfg = system_file(m)?.gateway;
+    if let Some(addr) = m.get_one::<SocketAddr>("listen") {
+        cfg.listen = *addr;
+    }
+    shoal_telemetry::logging::init("gateway", "gateway", &cfg.log_level)?;
+    let registry_url = m
+        .get_one::<String>("registry")
+        .map(String::as_str)
+        .unwrap_or("http://127.0.0.1:7070");
+    let discovery =
+        shoal_discovery::Discovery::start(shoal_discovery::RegistryClient::new(registry_url)?);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| {
+            Error::config(format!("gateway cannot listen on {}", cfg.listen)).with_source(e)
+        })?;
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    shoal_gateway::serve(&cfg, listener, discovery, shoal_core::shutdown::signal()).await
+}
+
+async fn up(m: &ArgMatches) -> Result<(), Error> {
+    let system_file = PathBuf::from(
+        m.get_one::<String>("system")
+            .map(String::as_str)
+            .unwrap_or("shoal.toml"),
+    );
+    let shoal_exe = std::env::current_exe()?;
+    shoal_supervisor::up(shoal_supervisor::UpOptions {
+        system_file,
+        no_build: m.get_flag("no-build"),
+        shoal_exe,
+    })
+    .await
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let matches = cli().get_matches();
+    let result = match matches.subcommand() {
+        Some(("up", m)) => up(m).await,
+        Some(("status", m)) => status::run(m).await,
+        Some(("control-plane", m)) => control_plane(m).await,
+        Some(("gateway", m)) => gateway(m).await,
+        _ => Err(Error::config("unknown command; see shoal --help")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Client-side discovery: everything a process needs to find and call other services.
+//!
+//! - [`RegistryClient`]: the registry's HTTP API (register, heartbeat, deregister, watch);
+//! - [`Lease`]: keeps one instance registered (heartbeats; re-registers if the registry
+//!   forgot it, for example after a control-plane restart) and deregisters on shutdown;
+//! - [`Discovery`]: a local copy of the catalog, kept current by a long-poll watch, so
+//!   a call never waits on the registry and survives the registry being briefly away;
+//! - [`Balancer`]: picks a healthy instance (round robin, or power of two choices on
+//!   outstanding requests);
+//! - [`Caller`]: sends a request to a service by name over pooled keep-alive
+//!   connections, passing on request id and trace context; [`ServiceClient`] is its
+//!   convenient, buffered face (`ctx.client("catalog").get("/api/products")`).
+
+mod balance;
+mod caller;
+mod client;
+mod discovery;
+mod lease;
+mod registry_client;
+
+pub use balance::{Balancer, Endpoint, InflightGuard, Strategy};
+pub use caller::{Caller, CallerConfig, GuardedBody};
+pub use client::{ClientResponse, RequestBuilder, ServiceClient};
+pub use discovery::Discovery;
+pub use lease::Lease;
+pub use registry_client::RegistryClient;

@@ -1,0 +1,120 @@
+use serde::Deserialize;
+use shoal_discovery::{CallerConfig, Strategy};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+/// A service's configuration: the file named by `SHOAL_CONFIG` (if any), then
+/// `SHOAL_*` environment overrides (`SHOAL_LISTEN`, `SHOAL_DATABASE__URL`, …).
+/// Unknown keys are rejected at start.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// Where to listen. Port 0 takes a free port; the real one is registered.
+    pub listen: SocketAddr,
+    /// Address to register when listening on 0.0.0.0 or ::.
+    pub advertise_ip: Option<IpAddr>,
+    /// The control plane's registry.
+    pub registry_url: String,
+    /// Register with the registry at all (off for a service run alone).
+    pub register: bool,
+    /// Lease asked of the registry.
+    pub ttl_ms: u64,
+    /// This instance's id; made from the service name when absent.
+    pub instance_id: Option<String>,
+    /// Overrides the version compiled in (one binary run as two versions for a canary).
+    pub version: Option<String>,
+    /// Directory of the service's own files (its SQLite database).
+    pub data_dir: Option<PathBuf>,
+    /// Log filter: `info`, `debug`, `info,sqlx=warn`, …
+    pub log_level: String,
+    /// Send `x-shoal-served-by: service@version` on every response.
+    pub served_by_header: bool,
+    /// Largest request body accepted (413 beyond).
+    pub body_limit_bytes: usize,
+    /// Longest a handler may run (503 beyond).
+    pub request_timeout_ms: u64,
+    /// After deregistering, keep serving this long so callers' caches drop this
+    /// instance before it stops accepting.
+    pub deregister_grace_ms: u64,
+    /// Longest wait for in-flight requests at shutdown; those still running are cut.
+    pub shutdown_drain_ms: u64,
+    /// How `ctx.client(..)` picks among instances.
+    pub load_balancing: Strategy,
+    /// Outgoing call settings.
+    pub client: CallerConfig,
+    /// The service's database.
+    pub database: DatabaseConfig,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_ip: None,
+            registry_url: "http://127.0.0.1:7070".into(),
+            register: true,
+            ttl_ms: 10_000,
+            instance_id: None,
+            version: None,
+            data_dir: None,
+            log_level: "info".into(),
+            served_by_header: true,
+            body_limit_bytes: 1024 * 1024,
+            request_timeout_ms: 30_000,
+            deregister_grace_ms: 250,
+            shutdown_drain_ms: 10_000,
+            load_balancing: Strategy::default(),
+            client: CallerConfig::default(),
+            database: DatabaseConfig::default(),
+        }
+    }
+}
+
+/// The `[database]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// A database URL; by default `sqlite://<data_dir>/<service>.db`.
+    pub url: Option<String>,
+    /// Most pooled connections.
+    pub max_connections: u32,
+    /// Longest wait for a pooled connection.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 8,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// Reject settings that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), shoal_core::Error> {
+        let bad = |k: &str, why: &str| Err(shoal_core::Error::config(format!("{k}: {why}")));
+        if self.listen.ip().is_unspecified() && self.advertise_ip.is_none() {
+            return bad("advertise_ip", "required when listen is 0.0.0.0 or ::");
+        }
+        if self.body_limit_bytes == 0 {
+            return bad("body_limit_bytes", "must be positive");
+        }
+        if self.request_timeout_ms == 0 {
+            return bad("request_timeout_ms", "must be positive");
+        }
+        if self.database.max_connections == 0 {
+            return bad("database.max_connections", "must be positive");
+        }
+        if self.client.max_connect_attempts == 0 {
+            return bad("client.max_connect_attempts", "must be at least 1");
+        }
+        use shoal_core::registry::limits::{MAX_TTL_MS, MIN_TTL_MS};
+        if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&self.ttl_ms) {
+            return bad("ttl_ms", "must be between 1000 and 300000");
+        }
+        Ok(())
+    }
+}

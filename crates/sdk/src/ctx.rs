@@ -1,0 +1,86 @@
+use crate::{Db, ServiceConfig};
+use axum::extract::FromRequestParts;
+use http::request::Parts;
+use shoal_core::ApiError;
+use shoal_discovery::{Caller, Discovery, ServiceClient};
+use shoal_telemetry::Metrics;
+use std::sync::Arc;
+
+/// What a handler needs from the platform: its database, clients of other services,
+/// metrics and identity. Extract it in any handler: `async fn h(ctx: Ctx)`.
+#[derive(Clone)]
+pub struct Ctx(pub(crate) Arc<CtxInner>);
+
+pub(crate) struct CtxInner {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) instance_id: String,
+    pub(crate) db: Option<Db>,
+    pub(crate) caller: Caller,
+    pub(crate) metrics: Metrics,
+    pub(crate) config: ServiceConfig,
+}
+
+impl Ctx {
+    /// The service's database.
+    ///
+    /// # Panics
+    /// If the service was built without [`crate::Service::database`]: a programming
+    /// error, found by the first request of any test.
+    pub fn db(&self) -> &Db {
+        match &self.0.db {
+            Some(db) => db,
+            None => panic!(
+                "service {} has no database: call Service::database",
+                self.0.name
+            ),
+        }
+    }
+
+    /// A client of another service, by name.
+    pub fn client(&self, service: &str) -> ServiceClient {
+        ServiceClient::new(self.0.caller.clone(), service)
+    }
+
+    /// The discovery cache (instances of other services).
+    pub fn discovery(&self) -> &Discovery {
+        self.0.caller.balancer().discovery()
+    }
+
+    /// This process's metrics registry, to add a service's own metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// Service name.
+    pub fn service(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Version this instance runs.
+    pub fn version(&self) -> &str {
+        &self.0.version
+    }
+
+    /// This instance's id in the registry.
+    pub fn instance_id(&self) -> &str {
+        &self.0.instance_id
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ServiceConfig {
+        &self.0.config
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Ctx>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("service context missing"))
+    }
+}

@@ -1,0 +1,44 @@
+//! The shoal service SDK: a service in a few lines of Rust.
+//!
+//! ```ignore
+//! use shoal::{Ctx, Migration, Service};
+//!
+//! static MIGRATIONS: &[Migration] = &[Migration::new(1, "init", include_str!("../migrations/001_init.sql"))];
+//!
+//! #[tokio::main]
+//! async fn main() -> std::process::ExitCode {
+//!     Service::new("inventory")
+//!         .version(env!("CARGO_PKG_VERSION"))
+//!         .database(MIGRATIONS)
+//!         .routes(axum::Router::new().route("/api/stock", axum::routing::get(stock)))
+//!         .main()
+//!         .await
+//! }
+//!
+//! async fn stock(ctx: Ctx) -> Result<String, shoal::ApiError> { /* ctx.db(), ctx.client("catalog") */ }
+//! ```
+//!
+//! The SDK does the rest: typed config from a TOML file plus `SHOAL_*` overrides;
+//! binds (127.0.0.1:0 by default) and registers the real address; heartbeats;
+//! `/health/live`, `/health/ready` (pluggable checks) and `/metrics`; JSON logs with
+//! request and trace ids; a database of the service's own with embedded migrations;
+//! an HTTP client that calls other services by name with load balancing; and a
+//! graceful shutdown on SIGTERM/SIGINT (deregister, drain, stop).
+
+mod config;
+mod ctx;
+mod db;
+mod health;
+mod service;
+pub mod testing;
+
+pub use config::{DatabaseConfig, ServiceConfig};
+pub use ctx::Ctx;
+pub use db::{Db, Migration};
+pub use service::{RunningService, Service};
+pub use shoal_core::{ApiError, Error, ErrorKind, Origin};
+pub use shoal_discovery::{ClientResponse, ServiceClient, Strategy};
+pub use shoal_telemetry::{Metrics, RequestContext};
+
+/// The database driver the SDK uses, re-exported so a service needs no version of its own.
+pub use sqlx;

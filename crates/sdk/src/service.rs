@@ -1,0 +1,351 @@
+use crate::ctx::CtxInner;
+use crate::health::{self, Check, Health};
+use crate::{Ctx, Db, Migration, ServiceConfig};
+use axum::extract::DefaultBodyLimit;
+use axum::{Extension, Router};
+use http::HeaderValue;
+use shoal_core::registry::Registration;
+use shoal_core::Error;
+use shoal_discovery::{Balancer, Caller, Discovery, Lease, RegistryClient};
+use shoal_telemetry::http::ServerTelemetry;
+use shoal_telemetry::Metrics;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Describes a service; [`Service::main`] (or [`Service::run`]) runs it.
+pub struct Service {
+    name: String,
+    version: String,
+    migrations: Option<&'static [Migration]>,
+    router: Router,
+    checks: Vec<(String, Check)>,
+    config_file: Option<PathBuf>,
+    env: Option<Vec<(String, String)>>,
+}
+
+impl Service {
+    /// A service called `name` (a DNS label: `catalog`, `order-history`).
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            version: "0.0.0".into(),
+            migrations: None,
+            router: Router::new(),
+            checks: Vec::new(),
+            config_file: None,
+            env: None,
+        }
+    }
+
+    /// The version this code is (config `version` overrides it).
+    pub fn version(mut self, version: &str) -> Self {
+        self.version = version.to_string();
+        self
+    }
+
+    /// Give the service its own database, with these migrations applied at start.
+    /// Adds a `database` readiness check.
+    pub fn database(mut self, migrations: &'static [Migration]) -> Self {
+        self.migrations = Some(migrations);
+        self.checks.push((
+            "database".into(),
+            health::wrap(
+                |ctx: Ctx| async move { ctx.db().ping().await.map_err(|e| e.to_string()) },
+            ),
+        ));
+        self
+    }
+
+    /// The service's routes. Handlers extract [`Ctx`] for the database and clients.
+    /// `/health/live`, `/health/ready` and `/metrics` are the SDK's.
+    pub fn routes(mut self, router: Router) -> Self {
+        self.router = self.router.merge(router);
+        self
+    }
+
+    /// Add a readiness check: the instance is ready only while every check passes.
+    pub fn readiness<F, Fut>(mut self, name: &str, check: F) -> Self
+    where
+        F: Fn(Ctx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.checks.push((name.to_string(), health::wrap(check)));
+        self
+    }
+
+    /// Ready only while at least one healthy instance of `service` is known.
+    pub fn depends_on(self, service: &str) -> Self {
+        let dep = service.to_string();
+        self.readiness(&format!("dependency:{service}"), move |ctx: Ctx| {
+            let dep = dep.clone();
+            async move {
+                if ctx.discovery().healthy(&dep).is_empty() {
+                    Err(format!("no healthy instance of {dep}"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    /// Read config from this file instead of the one `SHOAL_CONFIG` names.
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(path.into());
+        self
+    }
+
+    /// Use these variables instead of the process environment (tests).
+    pub fn env<K: Into<String>, V: Into<String>>(
+        mut self,
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.env = Some(
+            vars.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
+        self
+    }
+
+    /// Run until SIGTERM or SIGINT, then shut down gracefully. For `main`: logs a
+    /// start-up error and returns a failing exit code instead of panicking.
+    pub async fn main(self) -> ExitCode {
+        let name = self.name.clone();
+        match self.run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "service stopped with an error");
+                eprintln!("{name}: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    /// Run until SIGTERM or SIGINT, then shut down gracefully.
+    pub async fn run(self) -> Result<(), Error> {
+        let running = self.start().await?;
+        shoal_core::shutdown::signal().await;
+        running.shutdown().await
+    }
+
+    /// Start serving and return a handle; [`RunningService::shutdown`] stops it.
+    pub async fn start(self) -> Result<RunningService, Error> {
+        shoal_core::names::validate_service_name(&self.name).map_err(Error::config)?;
+        let env: Vec<(String, String)> = self.env.unwrap_or_else(|| std::env::vars().collect());
+        let file = self.config_file.or_else(|| {
+            env.iter()
+                .find(|(k, _)| k == shoal_core::config::CONFIG_ENV)
+                .map(|(_, v)| PathBuf::from(v))
+        });
+        let cfg: ServiceConfig = shoal_core::config::load(file.as_deref(), env)?;
+        cfg.validate()?;
+        let version = cfg.version.clone().unwrap_or(self.version);
+        let instance_id = cfg.instance_id.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                self.name,
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            )
+        });
+        let logs = shoal_telemetry::logging::init(&self.name, &instance_id, &cfg.log_level)?;
+
+        let db = match self.migrations {
+            Some(migrations) => {
+                let url = match &cfg.database.url {
+                    Some(url) => url.clone(),
+                    None => {
+                        let dir = cfg
+                            .data_dir
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from(".shoal/data").join(&self.name));
+                        format!(
+                            "sqlite://{}",
+                            dir.join(format!("{}.db", self.name)).display()
+                        )
+                    }
+                };
+                Some(
+                    Db::open(
+                        &url,
+                        migrations,
+                        cfg.database.max_connections,
+                        Duration::from_millis(cfg.database.acquire_timeout_ms),
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
+
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| {
+                Error::config(format!("cannot listen on {}", cfg.listen)).with_source(e)
+            })?;
+        let bound = listener.local_addr()?;
+        let addr = match cfg.advertise_ip {
+            Some(ip) => SocketAddr::new(ip, bound.port()),
+            None => bound,
+        };
+
+        let registry = RegistryClient::new(&cfg.registry_url)?;
+        let metrics = Metrics::new(&self.name);
+        let discovery = if cfg.register {
+            Discovery::start(registry.clone())
+        } else {
+            Discovery::fixed(Default::default())
+        };
+        let caller = Caller::new(
+            Balancer::new(discovery, cfg.load_balancing),
+            cfg.client.clone(),
+            Some(metrics.clone()),
+        );
+        let ctx = Ctx(Arc::new(CtxInner {
+            name: self.name.clone(),
+            version: version.clone(),
+            instance_id: instance_id.clone(),
+            db,
+            caller,
+            metrics: metrics.clone(),
+            config: cfg.clone(),
+        }));
+
+        let draining = Arc::new(AtomicBool::new(false));
+        let health = Health {
+            checks: Arc::new(self.checks),
+            draining: draining.clone(),
+        };
+        let telemetry = Arc::new(ServerTelemetry {
+            metrics,
+            served_by: if cfg.served_by_header {
+                HeaderValue::from_str(&format!("{}@{}", self.name, version)).ok()
+            } else {
+                None
+            },
+            request_timeout: Some(Duration::from_millis(cfg.request_timeout_ms)),
+        });
+        let app = self
+            .router
+            .merge(health::router(health))
+            .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
+            .layer(Extension(ctx.clone()))
+            .layer(axum::middleware::from_fn_with_state(
+                telemetry,
+                shoal_telemetry::http::layer,
+            ));
+
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        });
+
+        let lease = if cfg.register {
+            let reg = Registration {
+                service: self.name.clone(),
+                version: version.clone(),
+                addr,
+                id: Some(instance_id.clone()),
+                pid: Some(std::process::id()),
+                metadata: Default::default(),
+                ttl_ms: Some(cfg.ttl_ms),
+            };
+            match Lease::start(registry, reg).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    server.abort();
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let _ = logs; // kept for run-time level changes (see the observability issue)
+        tracing::info!(addr = %addr, version = %version, "service started");
+        Ok(RunningService {
+            addr,
+            ctx,
+            lease,
+            draining,
+            stop: Some(stop_tx),
+            server: Some(server),
+            grace: Duration::from_millis(cfg.deregister_grace_ms),
+            drain: Duration::from_millis(cfg.shutdown_drain_ms),
+        })
+    }
+}
+
+/// A started service.
+pub struct RunningService {
+    addr: SocketAddr,
+    ctx: Ctx,
+    lease: Option<Lease>,
+    draining: Arc<AtomicBool>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    grace: Duration,
+    drain: Duration,
+}
+
+impl RunningService {
+    /// The address it serves on (as registered).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its context (database, clients).
+    pub fn ctx(&self) -> &Ctx {
+        &self.ctx
+    }
+
+    /// Graceful shutdown: fail readiness, deregister, keep serving for the grace
+    /// period so callers' caches drop this instance, stop accepting, then wait for
+    /// in-flight requests up to the drain limit.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        tracing::info!("shutting down: deregistering and draining");
+        self.draining.store(true, Ordering::SeqCst);
+        if let Some(lease) = self.lease.take() {
+            if let Err(e) = lease.deregister().await {
+                // The lease will expire on its own; shutting down goes on.
+                tracing::warn!(error = %e, "deregistration failed");
+            }
+            tokio::time::sleep(self.grace).await;
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut server) = self.server.take() {
+            match tokio::time::timeout(self.drain, &mut server).await {
+                Ok(Ok(Ok(()))) => tracing::info!("drained; stopped"),
+                Ok(Ok(Err(e))) => return Err(Error::from(e)),
+                Ok(Err(e)) => return Err(Error::internal("server task failed").with_source(e)),
+                Err(_) => {
+                    tracing::warn!(
+                        limit_ms = self.drain.as_millis() as u64,
+                        "drain limit reached; cutting remaining requests"
+                    );
+                    server.abort();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}

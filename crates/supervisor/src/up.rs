@@ -1,0 +1,343 @@
+//! `shoal up`: the whole system, supervised.
+
+use crate::process::{supervise, Board, ProcSpec};
+use crate::state::{ProcessState, UpState};
+use crate::SystemFile;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use shoal_core::Error;
+use shoal_discovery::RegistryClient;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How `up` was asked to run.
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    /// The system file.
+    pub system_file: PathBuf,
+    /// Skip the build step.
+    pub no_build: bool,
+    /// The `shoal` executable that runs the control plane and gateway.
+    pub shoal_exe: PathBuf,
+}
+
+/// A concrete address for a configured one: port 0 becomes a free port chosen now,
+/// so the address stays the same across restarts of the process that owns it.
+fn concrete(addr: SocketAddr) -> Result<SocketAddr, Error> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|e| Error::config(format!("no free port on {}", addr.ip())).with_source(e))?;
+    Ok(l.local_addr()?)
+}
+
+fn http_client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get_ok(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), client.get(uri)).await,
+        Ok(Ok(res)) if res.status().is_success()
+    )
+}
+
+/// Run the system until SIGINT or SIGTERM. Returns once everything has stopped.
+pub async fn up(opts: UpOptions) -> Result<(), Error> {
+    let t0 = Instant::now();
+    let sys = SystemFile::load(&opts.system_file)?;
+    let root = opts
+        .system_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let root = std::fs::canonicalize(&root)
+        .map_err(|e| Error::config(format!("system folder {}", root.display())).with_source(e))?;
+    let system_file = std::fs::canonicalize(&opts.system_file)?;
+    let state_dir = root.join(&sys.supervisor.state_dir);
+    let log_dir = state_dir.join("logs");
+    std::fs::create_dir_all(&log_dir).map_err(|e| {
+        Error::config(format!("cannot create {}", log_dir.display())).with_source(e)
+    })?;
+    let name = sys.name.clone().unwrap_or_else(|| "system".into());
+
+    if let (Some(build), false) = (&sys.build, opts.no_build) {
+        eprintln!("shoal: building {name}: {}", build.command.join(" "));
+        let status = tokio::process::Command::new(&build.command[0])
+            .args(&build.command[1..])
+            .current_dir(&root)
+            .status()
+            .await
+            .map_err(|e| {
+                Error::config(format!("cannot run build command {:?}", build.command[0]))
+                    .with_source(e)
+            })?;
+        if !status.success() {
+            return Err(Error::config(format!(
+                "build failed ({status}); nothing was started"
+            )));
+        }
+    }
+
+    let cp_addr = concrete(sys.control_plane.listen)?;
+    let gw_addr = concrete(sys.gateway.listen)?;
+    let cp_url = format!("http://{cp_addr}");
+    let gw_url = format!("http://{gw_addr}");
+    let exe = opts.shoal_exe.display().to_string();
+    let sys_arg = system_file.display().to_string();
+
+    let cp_spec = ProcSpec {
+        name: "control-plane".into(),
+        service: None,
+        argv: vec![
+            exe.clone(),
+            "control-plane".into(),
+            "--system".into(),
+            sys_arg.clone(),
+            "--listen".into(),
+            cp_addr.to_string(),
+        ],
+        env: vec![],
+        cwd: root.clone(),
+        log: log_dir.join("control-plane.log"),
+    };
+    let gw_spec = ProcSpec {
+        name: "gateway".into(),
+        service: None,
+        argv: vec![
+            exe.clone(),
+            "gateway".into(),
+            "--system".into(),
+            sys_arg.clone(),
+            "--listen".into(),
+            gw_addr.to_string(),
+            "--registry".into(),
+            cp_url.clone(),
+        ],
+        env: vec![],
+        cwd: root.clone(),
+        log: log_dir.join("gateway.log"),
+    };
+    let mut service_specs = Vec::new();
+    for (svc, spec) in &sys.services {
+        for replica in 1..=spec.replicas {
+            let mut env = vec![
+                ("SHOAL_REGISTRY_URL".to_string(), cp_url.clone()),
+                // Stable per replica: a restarted process replaces its own stale entry.
+                ("SHOAL_INSTANCE_ID".to_string(), format!("{svc}-{replica}")),
+                (
+                    "SHOAL_DATA_DIR".to_string(),
+                    state_dir.join("data").join(svc).display().to_string(),
+                ),
+            ];
+            if let Some(cfg) = &spec.config {
+                env.push(("SHOAL_CONFIG".into(), root.join(cfg).display().to_string()));
+            }
+            env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let mut argv = spec.command.clone();
+            if argv[0].contains('/') {
+                argv[0] = root.join(&argv[0]).display().to_string();
+            }
+            service_specs.push(ProcSpec {
+                name: format!("{svc}#{replica}"),
+                service: Some(svc.clone()),
+                argv,
+                env,
+                cwd: root.clone(),
+                log: log_dir.join(format!("{svc}-{replica}.log")),
+            });
+        }
+    }
+
+    let all: Vec<&ProcSpec> = std::iter::once(&cp_spec)
+        .chain(std::iter::once(&gw_spec))
+        .chain(service_specs.iter())
+        .collect();
+    let board = Board {
+        state: Arc::new(Mutex::new(UpState {
+            pid: std::process::id(),
+            control_plane: cp_url.clone(),
+            gateway: gw_url.clone(),
+            processes: all
+                .iter()
+                .map(|s| ProcessState {
+                    name: s.name.clone(),
+                    service: s.service.clone(),
+                    pid: None,
+                    state: "starting".into(),
+                    restarts: 0,
+                    last_exit: None,
+                })
+                .collect(),
+        })),
+        path: state_dir.join("up.json"),
+    };
+
+    // Three tiers, stopped in reverse order of start.
+    let (stop_cp, stop_cp_rx) = watch::channel(false);
+    let (stop_gw, stop_gw_rx) = watch::channel(false);
+    let (stop_svc, stop_svc_rx) = watch::channel(false);
+    let mut cp_tasks = JoinSet::new();
+    let mut gw_tasks = JoinSet::new();
+    let mut svc_tasks = JoinSet::new();
+    let client = http_client();
+    let cfg = sys.supervisor.clone();
+
+    let interrupted = async {
+        eprintln!("shoal: starting control plane on {cp_url}");
+        cp_tasks.spawn(supervise(
+            cp_spec.clone(),
+            cfg.clone(),
+            board.clone(),
+            stop_cp_rx,
+        ));
+        let live = format!("{cp_url}/health/live");
+        wait_until(Duration::from_secs(30), || get_ok(&client, &live)).await;
+        eprintln!(
+            "shoal: starting gateway on {gw_url} and {} service process(es)",
+            service_specs.len()
+        );
+        gw_tasks.spawn(supervise(
+            gw_spec.clone(),
+            cfg.clone(),
+            board.clone(),
+            stop_gw_rx,
+        ));
+        for spec in &service_specs {
+            svc_tasks.spawn(supervise(
+                spec.clone(),
+                cfg.clone(),
+                board.clone(),
+                stop_svc_rx.clone(),
+            ));
+        }
+        let ready = wait_ready(
+            &sys,
+            &cp_url,
+            &gw_url,
+            &client,
+            Duration::from_millis(cfg.ready_timeout_ms),
+        )
+        .await;
+        print_summary(
+            &name,
+            &sys,
+            &board,
+            &gw_url,
+            &cp_url,
+            &log_dir,
+            t0.elapsed(),
+            ready,
+        );
+    };
+    tokio::select! {
+        _ = interrupted => shoal_core::shutdown::signal().await,
+        _ = shoal_core::shutdown::signal() => {}
+    }
+
+    eprintln!("shoal: stopping services");
+    let _ = stop_svc.send(true);
+    while svc_tasks.join_next().await.is_some() {}
+    eprintln!("shoal: stopping gateway");
+    let _ = stop_gw.send(true);
+    while gw_tasks.join_next().await.is_some() {}
+    eprintln!("shoal: stopping control plane");
+    let _ = stop_cp.send(true);
+    while cp_tasks.join_next().await.is_some() {}
+    eprintln!("shoal: stopped");
+    Ok(())
+}
+
+async fn wait_until<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+async fn wait_ready(
+    sys: &SystemFile,
+    cp_url: &str,
+    gw_url: &str,
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    limit: Duration,
+) -> bool {
+    let Ok(registry) = RegistryClient::new(cp_url) else {
+        return false;
+    };
+    wait_until(limit, || async {
+        let Ok(catalog) = registry.catalog(None, Duration::ZERO).await else {
+            return false;
+        };
+        let all_up = sys.services.iter().all(|(name, spec)| {
+            catalog.instances(name).iter().filter(|i| i.healthy).count() >= spec.replicas as usize
+        });
+        all_up && get_ok(client, &format!("{gw_url}/health/ready")).await
+    })
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_summary(
+    name: &str,
+    sys: &SystemFile,
+    board: &Board,
+    gw_url: &str,
+    cp_url: &str,
+    log_dir: &Path,
+    took: Duration,
+    ready: bool,
+) {
+    let st = board
+        .state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    if ready {
+        eprintln!("\nshoal: {name} is up ({:.1} s)", took.as_secs_f64());
+    } else {
+        eprintln!(
+            "\nshoal: {name} is NOT fully healthy after {:.1} s; see the logs",
+            took.as_secs_f64()
+        );
+    }
+    eprintln!("  {:<16} {gw_url}", "gateway");
+    eprintln!("  {:<16} {cp_url}", "control plane");
+    for svc in sys.services.keys() {
+        let pids: Vec<String> = st
+            .processes
+            .iter()
+            .filter(|p| p.service.as_deref() == Some(svc.as_str()))
+            .map(|p| p.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()))
+            .collect();
+        eprintln!(
+            "  {svc:<16} {} replica(s), pid {}",
+            pids.len(),
+            pids.join(", ")
+        );
+    }
+    if let Some(r) = sys.gateway.routes.first() {
+        eprintln!("\n  try:    curl {gw_url}{}", r.prefix);
+    }
+    eprintln!("  status: shoal status   logs: {}", log_dir.display());
+    eprintln!("  Ctrl-C stops everything.\n");
+}

@@ -1,0 +1,75 @@
+//! The context of the request being handled, visible anywhere in its task.
+
+use shoal_core::trace::TraceContext;
+use std::future::Future;
+
+tokio::task_local! {
+    static CURRENT: RequestContext;
+}
+
+/// What a request carries through a process and on to the services it calls.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    /// The request id (the client's own when it sent a valid one).
+    pub request_id: String,
+    /// This hop's position in the trace.
+    pub trace: TraceContext,
+}
+
+impl RequestContext {
+    /// A fresh context: new request id, new trace.
+    pub fn new_root() -> Self {
+        Self {
+            request_id: new_request_id(),
+            trace: TraceContext::new_root(),
+        }
+    }
+
+    /// The context of the request this task is handling, if any.
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// Run `fut` with this context as the current one.
+    pub fn scope<F: Future>(self, fut: F) -> impl Future<Output = F::Output> {
+        CURRENT.scope(self, fut)
+    }
+}
+
+/// A new request id (a random UUID).
+pub fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Keep a client's request id only if it is short, visible ASCII: it ends up in logs
+/// and headers, so nothing that could break either is accepted.
+pub fn accept_request_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= shoal_core::headers::MAX_REQUEST_ID_LEN
+        && value.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn current_is_visible_inside_scope_only() {
+        assert!(RequestContext::current().is_none());
+        let ctx = RequestContext::new_root();
+        let id = ctx.request_id.clone();
+        let seen = ctx
+            .scope(async { RequestContext::current().map(|c| c.request_id) })
+            .await;
+        assert_eq!(seen, Some(id));
+    }
+
+    #[test]
+    fn request_ids_are_checked() {
+        assert!(accept_request_id("abc-123"));
+        assert!(!accept_request_id(""));
+        assert!(!accept_request_id("a b"));
+        assert!(!accept_request_id("x\n"));
+        assert!(!accept_request_id(&"a".repeat(129)));
+    }
+}

@@ -1,0 +1,175 @@
+//! Server middleware shared by every shoal HTTP server (services, control plane,
+//! gateway): request id, trace context, a span, metrics, a request time limit, the
+//! served-by header and JSON error bodies.
+
+use crate::context::{accept_request_id, new_request_id, RequestContext};
+use crate::Metrics;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, StatusCode};
+use http_body_util::BodyExt;
+use shoal_core::headers::{TRACEPARENT, X_REQUEST_ID, X_SHOAL_SERVED_BY};
+use shoal_core::trace::TraceContext;
+use shoal_core::ApiError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// The most of a non-JSON error body kept as the JSON error's message.
+const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// What the middleware needs; build one per server and share it.
+#[derive(Clone)]
+pub struct ServerTelemetry {
+    /// Where request series go.
+    pub metrics: Metrics,
+    /// `service@version` for `x-shoal-served-by`; `None` switches the header off.
+    pub served_by: Option<HeaderValue>,
+    /// Longest time a handler may take before the request is answered 503.
+    pub request_timeout: Option<Duration>,
+}
+
+/// Apply with `router.layer(axum::middleware::from_fn_with_state(state, shoal_telemetry::http::layer))`.
+pub async fn layer(
+    State(st): State<Arc<ServerTelemetry>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let start = Instant::now();
+    let request_id = req
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| accept_request_id(v))
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id);
+    // Continue the caller's trace with a span of our own, or start one.
+    let trace = req
+        .headers()
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+        .map(|t| t.child())
+        .unwrap_or_else(TraceContext::new_root);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().as_str().to_string();
+    if let Ok(v) = HeaderValue::from_str(&trace.to_header()) {
+        req.headers_mut().insert(TRACEPARENT, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        req.headers_mut().insert(X_REQUEST_ID, v);
+    }
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        trace_id = %trace.trace_id_hex(),
+        method = %method,
+        route = %route,
+    );
+    let ctx = RequestContext {
+        request_id: request_id.clone(),
+        trace,
+    };
+
+    st.metrics.http_server.in_flight.inc();
+    let run = ctx.scope(next.run(req)).instrument(span.clone());
+    let res = match st.request_timeout {
+        Some(limit) => match tokio::time::timeout(limit, run).await {
+            Ok(res) => res,
+            Err(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!("the request took longer than {} ms", limit.as_millis()),
+            )
+            .into_response(),
+        },
+        None => run.await,
+    };
+    st.metrics.http_server.in_flight.dec();
+
+    let mut res = normalise_error(res).await;
+    let headers = res.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert(X_REQUEST_ID, v);
+    }
+    if let Some(sb) = &st.served_by {
+        headers.insert(X_SHOAL_SERVED_BY, sb.clone());
+    }
+    let status = res.status().as_u16();
+    let elapsed = start.elapsed();
+    st.metrics
+        .observe_server(&route, &method, status, elapsed.as_secs_f64());
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, duration_ms = elapsed.as_millis() as u64, "served");
+        } else {
+            tracing::debug!(status, duration_ms = elapsed.as_millis() as u64, "served");
+        }
+    });
+    res
+}
+
+/// Turn an error answer that is not JSON (a rejected extractor, an unknown path, a
+/// 405) into shoal's JSON error shape, keeping its status and other headers.
+pub async fn normalise_error(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_ERROR_MESSAGE_BYTES * 4);
+    let text = match limited.collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let mut message: String = text.chars().take(MAX_ERROR_MESSAGE_BYTES).collect();
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("error").to_string();
+    }
+    let err = ApiError::new(status, ApiError::code_for(status), message);
+    parts.headers.remove(CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, axum::body::Body::from(err.to_json()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn plain_text_errors_become_json() {
+        let res = (StatusCode::PAYLOAD_TOO_LARGE, "length limit exceeded").into_response();
+        let res = normalise_error(res).await;
+        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            r#"{"error":{"code":"payload_too_large","message":"length limit exceeded"}}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn empty_error_gets_reason_and_success_is_untouched() {
+        let res = normalise_error(StatusCode::NOT_FOUND.into_response()).await;
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert!(std::str::from_utf8(&body)
+            .unwrap()
+            .contains("\"Not Found\""));
+        let ok = normalise_error((StatusCode::OK, "hi").into_response()).await;
+        let body = ok.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hi");
+    }
+}

@@ -1,0 +1,165 @@
+//! Helpers for shoal's integration tests: start real control planes and gateways on
+//! 127.0.0.1:0 inside the test process, and find the workspace's binaries.
+
+use shoal_control_plane::ControlPlaneConfig;
+use shoal_registry::RegistryConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A server running inside the test process.
+pub struct Server {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop it and wait until it has stopped.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Registry settings for tests: fast probes.
+pub fn fast_registry() -> RegistryConfig {
+    let mut cfg = RegistryConfig::default();
+    cfg.health.interval_ms = 100;
+    cfg.health.timeout_ms = 500;
+    cfg
+}
+
+/// A unique temporary folder.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("shoal-it-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Start a control plane on `addr` (port 0 for any) keeping state in `data_dir`.
+pub async fn control_plane_at(
+    addr: SocketAddr,
+    registry: RegistryConfig,
+    data_dir: PathBuf,
+) -> Server {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("bind control plane");
+    let addr = listener.local_addr().expect("addr");
+    let cfg = ControlPlaneConfig {
+        listen: addr,
+        data_dir,
+        log_level: "info".into(),
+        registry,
+    };
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = shoal_control_plane::run(cfg, listener, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Server {
+        addr,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// Start a control plane on a free port with fast health checks.
+pub async fn control_plane() -> Server {
+    control_plane_at(
+        "127.0.0.1:0".parse().expect("addr"),
+        fast_registry(),
+        temp_dir("cp"),
+    )
+    .await
+}
+
+/// Start a gateway on a free port over the registry at `registry_url`.
+pub async fn gateway(registry_url: &str, routes: &[(&str, &str)]) -> Server {
+    let mut cfg = shoal_gateway::GatewayConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    };
+    cfg.body_limit_bytes = 64 * 1024;
+    cfg.routes = routes
+        .iter()
+        .map(|(prefix, service)| shoal_gateway::RouteConfig {
+            prefix: prefix.to_string(),
+            service: service.to_string(),
+            strip_prefix: false,
+        })
+        .collect();
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .expect("bind gateway");
+    let addr = listener.local_addr().expect("addr");
+    let discovery = shoal_discovery::Discovery::start(
+        shoal_discovery::RegistryClient::new(registry_url).expect("registry url"),
+    );
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = shoal_gateway::serve(&cfg, listener, discovery, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Server {
+        addr,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// Poll `f` every 20 ms until it is true or `limit` passes; returns whether it held.
+pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The folder cargo puts this build's binaries in (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test binary>
+    exe.parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .expect("target dir")
+}

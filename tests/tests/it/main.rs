@@ -1,0 +1,7 @@
+//! shoal's integration tests, in one binary: platform flows against real servers on
+//! 127.0.0.1:0 (`platform`), and the whole system under `shoal up` as real processes
+//! (`system`).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod platform;
+mod system;

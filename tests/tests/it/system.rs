@@ -1,0 +1,281 @@
+//! The whole system as users run it: `shoal up` with real processes, killed and
+//! stopped with real signals.
+
+use shoal::testing::get as http_get;
+use shoal_supervisor::UpState;
+use shoal_tests::{bin_dir, eventually, temp_dir};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Build the binaries this test runs (a no-op when the test command built them).
+fn build_binaries() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "-p",
+            "shoal-cli",
+            "-p",
+            "shop-catalog",
+            "-p",
+            "shop-inventory",
+        ])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building the binaries failed");
+}
+
+fn alive(pid: u32) -> bool {
+    // Signal 0 checks existence; a zombie is not alive for our purposes.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.contains(") Z ")
+}
+
+fn signal(pid: u32, sig: i32) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+struct Up {
+    child: Child,
+    state: PathBuf,
+}
+
+impl Up {
+    fn state(&self) -> Option<UpState> {
+        UpState::read(&self.state)
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // A failed test must not leave the system running: SIGKILL the supervisor,
+        // and the kernel kills its children (parent-death signal).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_system_file(dir: &Path, bins: &Path) -> PathBuf {
+    let text = format!(
+        r#"name = "shop under test"
+
+[control_plane]
+listen = "127.0.0.1:0"
+[control_plane.registry.health]
+interval_ms = 200
+
+[gateway]
+listen = "127.0.0.1:0"
+[[gateway.routes]]
+prefix = "/api/products"
+service = "catalog"
+[[gateway.routes]]
+prefix = "/api/inventory"
+service = "inventory"
+
+[supervisor]
+restart_backoff_initial_ms = 100
+stop_timeout_ms = 10000
+ready_timeout_ms = 60000
+
+[services.catalog]
+command = ["{bins}/shop-catalog"]
+replicas = 2
+env = {{ SHOAL_DEREGISTER_GRACE_MS = "100" }}
+
+[services.inventory]
+command = ["{bins}/shop-inventory"]
+"#,
+        bins = bins.display()
+    );
+    let path = dir.join("shoal.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoal_up_runs_the_shop_restarts_a_killed_service_and_stops_cleanly() {
+    build_binaries();
+    let bins = bin_dir();
+    let dir = temp_dir("up");
+    let system = write_system_file(&dir, &bins);
+    let child = Command::new(bins.join("shoal"))
+        .args(["up", "--no-build", "--system"])
+        .arg(&system)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start shoal up");
+    let up = Up {
+        child,
+        state: dir.join(".shoal/up.json"),
+    };
+
+    // Ready: the gateway's readiness covers every route.
+    assert!(
+        eventually(Duration::from_secs(30), || async { up.state().is_some() }).await,
+        "no up.json"
+    );
+    let gw: SocketAddr = up
+        .state()
+        .unwrap()
+        .gateway
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            http_get(gw, "/health/ready")
+                .await
+                .is_ok_and(|a| a.status == 200)
+        })
+        .await,
+        "system not ready in 60 s"
+    );
+    let products = http_get(gw, "/api/products").await.unwrap();
+    assert_eq!(products.status, 200);
+    assert!(products.json().as_array().unwrap().len() >= 5);
+    let stock = http_get(gw, "/api/inventory/p-1").await.unwrap();
+    assert_eq!(stock.status, 200, "{}", stock.text());
+    assert_eq!(stock.json()["product_id"], "p-1");
+
+    // `shoal status --json` in the contract's shape.
+    let out = Command::new(bins.join("shoal"))
+        .args(["status", "--json", "--system"])
+        .arg(&system)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let catalog = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "catalog")
+        .unwrap();
+    assert_eq!(catalog["version"], "0.1.0");
+    let instances = catalog["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 2);
+    for i in instances {
+        assert!(i["id"].is_string() && i["addr"].is_string() && i["pid"].is_u64());
+        assert_eq!(i["healthy"], true);
+    }
+
+    // kill -9 one catalog process: restarted, re-registered, served again.
+    let victim = up
+        .state()
+        .unwrap()
+        .processes
+        .iter()
+        .find(|p| p.name == "catalog#1")
+        .unwrap()
+        .pid
+        .unwrap();
+    signal(victim, 9);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            up.state().is_some_and(|s| {
+                s.processes.iter().any(|p| {
+                    p.name == "catalog#1" && p.restarts == 1 && p.pid.is_some_and(|p| p != victim)
+                })
+            })
+        })
+        .await,
+        "killed process not restarted"
+    );
+    let new_pid = up
+        .state()
+        .unwrap()
+        .processes
+        .iter()
+        .find(|p| p.name == "catalog#1")
+        .unwrap()
+        .pid
+        .unwrap();
+    let registry: SocketAddr = up
+        .state()
+        .unwrap()
+        .control_plane
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            http_get(registry, "/v1/instances/catalog-1")
+                .await
+                .is_ok_and(|a| {
+                    a.status == 200 && a.json()["pid"] == new_pid && a.json()["healthy"] == true
+                })
+        })
+        .await,
+        "restarted process not re-registered"
+    );
+    for _ in 0..20 {
+        assert_eq!(http_get(gw, "/api/products").await.unwrap().status, 200);
+    }
+
+    // SIGTERM to a service: it drains and exits 0 (then is restarted like any exit).
+    let term = up
+        .state()
+        .unwrap()
+        .processes
+        .iter()
+        .find(|p| p.name == "catalog#2")
+        .unwrap()
+        .pid
+        .unwrap();
+    signal(term, 15);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            up.state().is_some_and(|s| {
+                s.processes
+                    .iter()
+                    .any(|p| p.name == "catalog#2" && p.last_exit.as_deref() == Some("exit code 0"))
+            })
+        })
+        .await,
+        "SIGTERM did not end the service cleanly: {:?}",
+        up.state()
+    );
+    let log = std::fs::read_to_string(dir.join(".shoal/logs/catalog-2.log")).unwrap();
+    assert!(
+        log.contains("shutting down: deregistering and draining")
+            && log.contains("drained; stopped"),
+        "{log}"
+    );
+
+    // SIGTERM to `shoal up`: everything stops, nothing is left behind.
+    let pids: Vec<u32> = up
+        .state()
+        .unwrap()
+        .processes
+        .iter()
+        .filter_map(|p| p.pid)
+        .collect();
+    assert!(pids.len() >= 4);
+    let mut up = up;
+    signal(up.child.id(), 15);
+    let mut exited = None;
+    for _ in 0..300 {
+        if let Some(s) = up.child.try_wait().unwrap() {
+            exited = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exited = exited.expect("shoal up did not stop within 30 s");
+    assert!(exited.success(), "{exited:?}");
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} outlived shoal up");
+    }
+}

@@ -66,7 +66,7 @@ pub fn router(registry: Registry, metrics: Metrics) -> Router {
                     (
                         [(
                             http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
+                            shoal_telemetry::metrics::CONTENT_TYPE,
                         )],
                         m.render(),
                     )

@@ -34,10 +34,13 @@ impl Lease {
             tokio::spawn(async move {
                 let mut interval = Duration::from_millis(first.heartbeat_interval_ms);
                 let mut backoff = Duration::from_millis(100);
+                // After a failure the next try comes after the backoff, not a whole
+                // interval, so a short registry outage does not cost the lease.
+                let mut wait = interval;
                 loop {
                     tokio::select! {
                         _ = &mut stop_rx => return,
-                        _ = tokio::time::sleep(interval) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
                     let outcome = match client.heartbeat(&id).await {
                         Ok(true) => Ok(None),
@@ -53,14 +56,11 @@ impl Lease {
                                 interval = Duration::from_millis(r.heartbeat_interval_ms);
                             }
                             backoff = Duration::from_millis(100);
+                            wait = interval;
                         }
                         Err(e) => {
                             tracing::warn!(id = %id, error = %e, "heartbeat failed");
-                            // Try again sooner than the interval, without hammering.
-                            tokio::select! {
-                                _ = &mut stop_rx => return,
-                                _ = tokio::time::sleep(backoff) => {}
-                            }
+                            wait = backoff;
                             backoff = (backoff * 2).min(interval);
                         }
                     }

@@ -89,7 +89,7 @@ impl Gateway {
                         (
                             [(
                                 http::header::CONTENT_TYPE,
-                                "text/plain; version=0.0.4; charset=utf-8",
+                                shoal_telemetry::metrics::CONTENT_TYPE,
                             )],
                             m.render(),
                         )

@@ -78,6 +78,12 @@ impl RegistryConfig {
         if self.sweep_interval_ms == 0 {
             return bad("sweep_interval_ms", "must be positive");
         }
+        if self.max_wait_ms == 0 {
+            return bad(
+                "max_wait_ms",
+                "must be positive (0 turns every watch into a busy loop)",
+            );
+        }
         if self.max_instances == 0 {
             return bad("max_instances", "must be positive");
         }

@@ -52,7 +52,7 @@ pub(crate) fn router(health: Health) -> Router {
                 (
                     [(
                         http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
+                        shoal_telemetry::metrics::CONTENT_TYPE,
                     )],
                     ctx.metrics().render(),
                 )

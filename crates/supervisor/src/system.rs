@@ -112,6 +112,7 @@ impl SystemFile {
     /// Check what deserialisation cannot.
     pub fn validate(&self) -> Result<(), Error> {
         self.gateway.validate()?;
+        self.control_plane.registry.validate()?;
         for (name, s) in &self.services {
             shoal_core::names::validate_service_name(name)
                 .map_err(|e| Error::config(format!("services.{name}: {e}")))?;

@@ -27,14 +27,18 @@ pub struct UpOptions {
     pub shoal_exe: PathBuf,
 }
 
-/// A concrete address for a configured one: port 0 becomes a free port chosen now,
-/// so the address stays the same across restarts of the process that owns it.
-fn concrete(addr: SocketAddr) -> Result<SocketAddr, Error> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
-    let l = std::net::TcpListener::bind(addr)
-        .map_err(|e| Error::config(format!("no free port on {}", addr.ip())).with_source(e))?;
+/// A concrete, free address for a configured one: port 0 becomes a free port chosen
+/// now, so the address stays the same across restarts of the process that owns it.
+/// A port already in use is refused here, before anything starts, rather than
+/// leaving the process that needs it in a crash loop (or, worse, talking to another
+/// system's control plane).
+fn concrete(what: &str, addr: SocketAddr) -> Result<SocketAddr, Error> {
+    let l = std::net::TcpListener::bind(addr).map_err(|e| {
+        Error::config(format!(
+            "{what} address {addr} is not free (is another `shoal up` running?)"
+        ))
+        .with_source(e)
+    })?;
     Ok(l.local_addr()?)
 }
 
@@ -72,6 +76,10 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
     })?;
     let name = sys.name.clone().unwrap_or_else(|| "system".into());
 
+    // Checked before the build, so a busy port fails in a second, not after minutes.
+    let cp_addr = concrete("control plane", sys.control_plane.listen)?;
+    let gw_addr = concrete("gateway", sys.gateway.listen)?;
+
     if let (Some(build), false) = (&sys.build, opts.no_build) {
         eprintln!("shoal: building {name}: {}", build.command.join(" "));
         let status = tokio::process::Command::new(&build.command[0])
@@ -90,8 +98,6 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
         }
     }
 
-    let cp_addr = concrete(sys.control_plane.listen)?;
-    let gw_addr = concrete(sys.gateway.listen)?;
     let cp_url = format!("http://{cp_addr}");
     let gw_url = format!("http://{gw_addr}");
     let exe = opts.shoal_exe.display().to_string();
@@ -340,4 +346,23 @@ fn print_summary(
     }
     eprintln!("  status: shoal status   logs: {}", log_dir.display());
     eprintln!("  Ctrl-C stops everything.\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_port_is_refused_and_port_zero_becomes_a_real_port() {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = concrete("gateway", busy.local_addr().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gateway address") && err.contains("not free"),
+            "{err}"
+        );
+        let free = concrete("gateway", "127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_ne!(free.port(), 0);
+    }
 }

@@ -12,6 +12,10 @@ use prometheus_client::registry::{Metric, Registry};
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
+/// Content type of [`Metrics::render`]'s output: the OpenMetrics text format
+/// (it ends with `# EOF`), which Prometheus scrapes natively.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Labels of HTTP series: `[route, method, status]` for servers,
 /// `[target, method, status]` for clients.
 pub type HttpLabels = [(&'static str, String); 3];

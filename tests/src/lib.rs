@@ -42,6 +42,26 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// Run `serve` in a task; it gets the future that resolves when [`Server::stop`]
+    /// is called.
+    fn spawn<F, Fut>(addr: SocketAddr, serve: F) -> Self
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<()>();
+        let stopped = Box::pin(async {
+            let _ = rx.await;
+        });
+        Self {
+            addr,
+            stop: Some(tx),
+            task: Some(tokio::spawn(serve(stopped))),
+        }
+    }
+}
+
 /// Registry settings for tests: fast probes.
 pub fn fast_registry() -> RegistryConfig {
     let mut cfg = RegistryConfig::default();
@@ -76,18 +96,9 @@ pub async fn control_plane_at(
         log_level: "info".into(),
         registry,
     };
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let _ = shoal_control_plane::run(cfg, listener, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    Server {
-        addr,
-        stop: Some(tx),
-        task: Some(task),
-    }
+    Server::spawn(addr, |stopped| async move {
+        let _ = shoal_control_plane::run(cfg, listener, stopped).await;
+    })
 }
 
 /// Start a control plane on a free port with fast health checks.
@@ -122,18 +133,9 @@ pub async fn gateway(registry_url: &str, routes: &[(&str, &str)]) -> Server {
     let discovery = shoal_discovery::Discovery::start(
         shoal_discovery::RegistryClient::new(registry_url).expect("registry url"),
     );
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let _ = shoal_gateway::serve(&cfg, listener, discovery, async {
-            let _ = rx.await;
-        })
-        .await;
-    });
-    Server {
-        addr,
-        stop: Some(tx),
-        task: Some(task),
-    }
+    Server::spawn(addr, |stopped| async move {
+        let _ = shoal_gateway::serve(&cfg, listener, discovery, stopped).await;
+    })
 }
 
 /// Poll `f` every 20 ms until it is true or `limit` passes; returns whether it held.
@@ -152,6 +154,16 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Wait (at most `limit`) until `GET path` on `addr` answers 200.
+pub async fn answers_ok(addr: SocketAddr, path: &str, limit: Duration) -> bool {
+    eventually(limit, || async {
+        shoal::testing::get(addr, path)
+            .await
+            .is_ok_and(|a| a.status == 200)
+    })
+    .await
 }
 
 /// The folder cargo puts this build's binaries in (`target/debug`).

@@ -51,28 +51,10 @@ pub fn router(registry: Registry, metrics: Metrics) -> Router {
     });
     shoal_registry::router(registry)
         .route(
-            "/health/live",
-            get(|| async { Json(serde_json::json!({"status": "live"})) }),
-        )
-        .route(
             "/health/ready",
             get(|| async { Json(serde_json::json!({"status": "ready"})) }),
         )
-        .route(
-            "/metrics",
-            get(move || {
-                let m = render.clone();
-                async move {
-                    (
-                        [(
-                            http::header::CONTENT_TYPE,
-                            shoal_telemetry::metrics::CONTENT_TYPE,
-                        )],
-                        m.render(),
-                    )
-                }
-            }),
-        )
+        .merge(shoal_telemetry::http::ops_routes(render))
         .fallback(|| async { shoal_core::ApiError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(
             telemetry,

@@ -1,7 +1,7 @@
 use crate::Caller;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_core::{ApiError, Error, ErrorKind, Origin};
@@ -128,18 +128,10 @@ impl RequestBuilder {
         let service = self.client.service.clone();
         let res = self.client.caller.send(&service, req).await?;
         let (parts, body) = res.into_parts();
-        let body = http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Unavailable,
-                    Origin::Upstream,
-                    format!("reading answer of {service}"),
-                )
-                .with_source(std::io::Error::other(e.to_string()))
-            })?
-            .to_bytes();
+        let body = crate::body::read_limited(body, MAX_RESPONSE_BYTES, || {
+            format!("reading answer of {service}")
+        })
+        .await?;
         Ok(ClientResponse {
             service,
             status: parts.status,

@@ -12,6 +12,7 @@
 //!   convenient, buffered face (`ctx.client("catalog").get("/api/products")`).
 
 mod balance;
+mod body;
 mod caller;
 mod client;
 mod discovery;

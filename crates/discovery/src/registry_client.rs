@@ -1,6 +1,6 @@
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
@@ -80,18 +80,10 @@ impl RegistryClient {
                 .with_source(e)
             })?;
             let status = res.status();
-            let body = http_body_util::Limited::new(res.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Unavailable,
-                        Origin::Upstream,
-                        "reading registry answer",
-                    )
-                    .with_source(std::io::Error::other(e.to_string()))
-                })?
-                .to_bytes();
+            let body = crate::body::read_limited(res.into_body(), MAX_ANSWER_BYTES, || {
+                "reading registry answer".to_string()
+            })
+            .await?;
             Ok((status, body))
         };
         tokio::time::timeout(timeout, call).await.map_err(|_| {

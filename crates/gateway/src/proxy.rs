@@ -76,26 +76,8 @@ impl Gateway {
         }
         let gw = self.clone();
         router
-            .route(
-                "/health/live",
-                get(|| async { Json(serde_json::json!({"status": "live"})) }),
-            )
             .route("/health/ready", get(move || ready(gw.clone())))
-            .route(
-                "/metrics",
-                get(move || {
-                    let m = metrics.clone();
-                    async move {
-                        (
-                            [(
-                                http::header::CONTENT_TYPE,
-                                shoal_telemetry::metrics::CONTENT_TYPE,
-                            )],
-                            m.render(),
-                        )
-                    }
-                }),
-            )
+            .merge(shoal_telemetry::http::ops_routes(metrics))
             .layer(DefaultBodyLimit::max(self.body_limit))
     }
 }

@@ -1,4 +1,4 @@
-//! `/health/live`, `/health/ready` and `/metrics`.
+//! `/health/ready`: readiness from pluggable checks.
 
 use crate::Ctx;
 use axum::response::{IntoResponse, Response};
@@ -33,31 +33,16 @@ where
     Arc::new(move |ctx| Box::pin(check(ctx)))
 }
 
+/// `/health/ready` (the SDK's checks); `/health/live` and `/metrics` come from
+/// [`shoal_telemetry::http::ops_routes`].
 pub(crate) fn router(health: Health) -> Router {
-    Router::new()
-        .route(
-            "/health/live",
-            get(|| async { Json(json!({"status": "live"})) }),
-        )
-        .route(
-            "/health/ready",
-            get(move |ctx: Ctx| {
-                let health = health.clone();
-                async move { ready(ctx, health).await }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|ctx: Ctx| async move {
-                (
-                    [(
-                        http::header::CONTENT_TYPE,
-                        shoal_telemetry::metrics::CONTENT_TYPE,
-                    )],
-                    ctx.metrics().render(),
-                )
-            }),
-        )
+    Router::new().route(
+        "/health/ready",
+        get(move |ctx: Ctx| {
+            let health = health.clone();
+            async move { ready(ctx, health).await }
+        }),
+    )
 }
 
 async fn ready(ctx: Ctx, health: Health) -> Response {

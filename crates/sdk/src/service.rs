@@ -234,6 +234,7 @@ impl Service {
         let app = self
             .router
             .merge(health::router(health))
+            .merge(shoal_telemetry::http::ops_routes(ctx.metrics().clone()))
             .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
             .layer(Extension(ctx.clone()))
             .layer(axum::middleware::from_fn_with_state(

@@ -73,3 +73,48 @@ pub async fn request(
 pub async fn get(addr: SocketAddr, path: &str) -> Result<Answer, String> {
     request(addr, Method::GET, path, &[], Bytes::new()).await
 }
+
+/// A data directory of a test's own under the system's temporary folder, removed
+/// when dropped (so a test leaves nothing behind, pass or fail).
+#[derive(Debug)]
+pub struct DataDir(std::path::PathBuf);
+
+impl DataDir {
+    /// A fresh, empty directory whose name includes `tag`, the process id and a counter.
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("shoal-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self(dir)
+    }
+}
+
+impl std::ops::Deref for DataDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Start `service` on its own, the way a provider's tests run it: not registered
+/// anywhere, its data in `dir`, logging warnings only.
+pub async fn start_alone(
+    service: crate::Service,
+    dir: &std::path::Path,
+) -> Result<crate::RunningService, crate::Error> {
+    service
+        .env([
+            ("SHOAL_REGISTER".to_string(), "false".to_string()),
+            ("SHOAL_LOG_LEVEL".to_string(), "warn".to_string()),
+            ("SHOAL_DATA_DIR".to_string(), dir.display().to_string()),
+        ])
+        .start()
+        .await
+}

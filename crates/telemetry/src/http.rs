@@ -7,6 +7,8 @@ use crate::Metrics;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, StatusCode};
 use http_body_util::BodyExt;
@@ -29,6 +31,28 @@ pub struct ServerTelemetry {
     pub served_by: Option<HeaderValue>,
     /// Longest time a handler may take before the request is answered 503.
     pub request_timeout: Option<Duration>,
+}
+
+/// `GET /health/live` and `GET /metrics`, which every shoal server answers the same
+/// way. Each server adds its own `/health/ready`: what "ready" means differs.
+pub fn ops_routes(metrics: Metrics) -> Router {
+    Router::new()
+        .route(
+            "/health/live",
+            get(|| async { Json(serde_json::json!({"status": "live"})) }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
 }
 
 /// Apply with `router.layer(axum::middleware::from_fn_with_state(state, shoal_telemetry::http::layer))`.

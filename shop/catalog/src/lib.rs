@@ -95,42 +95,14 @@ async fn get_product(ctx: Ctx, Path(id): Path<String>) -> Result<Json<Product>, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal::testing;
-    use std::path::PathBuf;
-
-    /// A fresh data directory of this test's own, removed when the test ends.
-    struct DataDir(PathBuf);
-
-    impl std::ops::Deref for DataDir {
-        type Target = std::path::Path;
-        fn deref(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-
-    impl Drop for DataDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use shoal::testing::{self, DataDir};
 
     fn data_dir(test: &str) -> DataDir {
-        let dir =
-            std::env::temp_dir().join(format!("shop-catalog-test-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        DataDir(dir)
+        DataDir::new(&format!("shop-catalog-{test}"))
     }
 
     async fn start(dir: &std::path::Path) -> shoal::RunningService {
-        service()
-            .env([
-                ("SHOAL_REGISTER", "false"),
-                ("SHOAL_LOG_LEVEL", "warn"),
-                ("SHOAL_DATA_DIR", dir.to_str().unwrap()),
-            ])
-            .start()
-            .await
-            .unwrap()
+        testing::start_alone(service(), dir).await.unwrap()
     }
 
     fn assert_product(p: &serde_json::Value) {

@@ -11,7 +11,7 @@ use shoal_core::registry::Registration;
 use shoal_discovery::{
     Balancer, Caller, CallerConfig, Discovery, RegistryClient, ServiceClient, Strategy,
 };
-use shoal_tests::{control_plane, control_plane_at, eventually, fast_registry, gateway, temp_dir};
+use shoal_tests::{answers_ok, control_plane, control_plane_at, fast_registry, gateway, temp_dir};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -215,14 +215,7 @@ async fn load_spreads_across_two_replicas_client_side_and_through_the_gateway() 
 
     // Server side, through the gateway (power of two choices).
     let gw = gateway(&cp.url(), &[("/who", "echo")]).await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            http_get(gw.addr, "/health/ready")
-                .await
-                .is_ok_and(|a| a.status == 200)
-        })
-        .await
-    );
+    assert!(answers_ok(gw.addr, "/health/ready", Duration::from_secs(5)).await);
     let mut counts: HashMap<String, u32> = HashMap::new();
     for _ in 0..200 {
         let r = http_get(gw.addr, "/who").await.unwrap();
@@ -268,14 +261,7 @@ async fn a_failing_health_check_removes_an_instance_and_recovery_restores_it() {
             .await
     );
     let gw = gateway(&cp.url(), &[("/who", "flaky")]).await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            http_get(gw.addr, "/who")
-                .await
-                .is_ok_and(|a| a.status == 200)
-        })
-        .await
-    );
+    assert!(answers_ok(gw.addr, "/who", Duration::from_secs(5)).await);
 
     ok.store(false, Ordering::SeqCst);
     let ready = http_get(svc.addr(), "/health/ready").await.unwrap();
@@ -306,14 +292,7 @@ async fn a_failing_health_check_removes_an_instance_and_recovery_restores_it() {
             .await,
         "recovered instance not back"
     );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            http_get(gw.addr, "/who")
-                .await
-                .is_ok_and(|a| a.status == 200)
-        })
-        .await
-    );
+    assert!(answers_ok(gw.addr, "/who", Duration::from_secs(5)).await);
     gw.stop().await;
     svc.shutdown().await.unwrap();
     cp.stop().await;
@@ -375,14 +354,7 @@ async fn request_id_and_trace_travel_through_gateway_and_service_client() {
     );
     let front = start("front", &cp.url(), front_routes).await;
     let gw = gateway(&cp.url(), &[("/front", "front")]).await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            http_get(gw.addr, "/health/ready")
-                .await
-                .is_ok_and(|a| a.status == 200)
-        })
-        .await
-    );
+    assert!(answers_ok(gw.addr, "/health/ready", Duration::from_secs(5)).await);
     assert!(
         front
             .ctx()
@@ -566,14 +538,7 @@ async fn the_gateway_skips_an_instance_that_refuses_connections() {
         .await
         .unwrap();
     let gw = gateway(&cp2.url(), &[("/who", "pair")]).await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            http_get(gw.addr, "/health/ready")
-                .await
-                .is_ok_and(|a| a.status == 200)
-        })
-        .await
-    );
+    assert!(answers_ok(gw.addr, "/health/ready", Duration::from_secs(5)).await);
     for _ in 0..40 {
         let a = http_get(gw.addr, "/who").await.unwrap();
         assert_eq!(a.status, 200, "{}", a.text());

@@ -2,7 +2,7 @@
 //! stopped with real signals.
 
 use shoal::testing::get as http_get;
-use shoal_supervisor::UpState;
+use shoal_supervisor::{ProcessState, UpState};
 use shoal_tests::{bin_dir, eventually, temp_dir};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,6 +50,16 @@ struct Up {
 impl Up {
     fn state(&self) -> Option<UpState> {
         UpState::read(&self.state)
+    }
+
+    fn process(&self, name: &str) -> Option<ProcessState> {
+        self.state()?.processes.into_iter().find(|p| p.name == name)
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        self.process(name)
+            .and_then(|p| p.pid)
+            .expect("process running")
     }
 }
 
@@ -172,36 +182,17 @@ async fn shoal_up_runs_the_shop_restarts_a_killed_service_and_stops_cleanly() {
     }
 
     // kill -9 one catalog process: restarted, re-registered, served again.
-    let victim = up
-        .state()
-        .unwrap()
-        .processes
-        .iter()
-        .find(|p| p.name == "catalog#1")
-        .unwrap()
-        .pid
-        .unwrap();
+    let victim = up.pid("catalog#1");
     signal(victim, 9);
     assert!(
         eventually(Duration::from_secs(30), || async {
-            up.state().is_some_and(|s| {
-                s.processes.iter().any(|p| {
-                    p.name == "catalog#1" && p.restarts == 1 && p.pid.is_some_and(|p| p != victim)
-                })
-            })
+            up.process("catalog#1")
+                .is_some_and(|p| p.restarts == 1 && p.pid.is_some_and(|p| p != victim))
         })
         .await,
         "killed process not restarted"
     );
-    let new_pid = up
-        .state()
-        .unwrap()
-        .processes
-        .iter()
-        .find(|p| p.name == "catalog#1")
-        .unwrap()
-        .pid
-        .unwrap();
+    let new_pid = up.pid("catalog#1");
     let registry: SocketAddr = up
         .state()
         .unwrap()
@@ -225,23 +216,12 @@ async fn shoal_up_runs_the_shop_restarts_a_killed_service_and_stops_cleanly() {
     }
 
     // SIGTERM to a service: it drains and exits 0 (then is restarted like any exit).
-    let term = up
-        .state()
-        .unwrap()
-        .processes
-        .iter()
-        .find(|p| p.name == "catalog#2")
-        .unwrap()
-        .pid
-        .unwrap();
+    let term = up.pid("catalog#2");
     signal(term, 15);
     assert!(
         eventually(Duration::from_secs(30), || async {
-            up.state().is_some_and(|s| {
-                s.processes
-                    .iter()
-                    .any(|p| p.name == "catalog#2" && p.last_exit.as_deref() == Some("exit code 0"))
-            })
+            up.process("catalog#2")
+                .is_some_and(|p| p.last_exit.as_deref() == Some("exit code 0"))
         })
         .await,
         "SIGTERM did not end the service cleanly: {:?}",

@@ -124,8 +124,15 @@ pub async fn gateway(registry_url: &str, routes: &[(&str, &str)]) -> Server {
             prefix: prefix.to_string(),
             service: service.to_string(),
             strip_prefix: false,
+            policy: None,
         })
         .collect();
+    gateway_with(registry_url, cfg).await
+}
+
+/// Start a gateway with `cfg` (its listen address is replaced by a free port).
+pub async fn gateway_with(registry_url: &str, mut cfg: shoal_gateway::GatewayConfig) -> Server {
+    cfg.listen = "127.0.0.1:0".parse().expect("addr");
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .expect("bind gateway");

@@ -128,23 +128,25 @@ impl IntoResponse for ApiError {
 impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
         use crate::ErrorKind as K;
-        let status = match e.kind() {
-            K::InvalidInput => StatusCode::BAD_REQUEST,
-            K::NotFound => StatusCode::NOT_FOUND,
-            K::Conflict => StatusCode::CONFLICT,
-            K::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            K::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            K::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            K::Protocol => StatusCode::BAD_GATEWAY,
-            K::Config | K::Io | K::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        let (status, code) = match e.kind() {
+            K::InvalidInput => (StatusCode::BAD_REQUEST, None),
+            K::NotFound => (StatusCode::NOT_FOUND, None),
+            K::Conflict => (StatusCode::CONFLICT, None),
+            K::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, None),
+            K::Timeout => (StatusCode::GATEWAY_TIMEOUT, Some("timeout")),
+            K::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, Some("overloaded")),
+            K::CircuitOpen => (StatusCode::SERVICE_UNAVAILABLE, Some("circuit_open")),
+            K::Protocol => (StatusCode::BAD_GATEWAY, None),
+            K::Config | K::Io | K::Internal => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
         // Internal details stay in the logs; the answer says only what kind of failure.
-        let message = if status.is_server_error() && e.origin() == crate::Origin::Internal {
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
             "internal error".to_string()
         } else {
             e.message().to_string()
         };
-        Self::new(status, Self::code_for(status), message)
+        let code = code.unwrap_or_else(|| Self::code_for(status));
+        Self::new(status, code, message)
     }
 }
 

@@ -27,8 +27,11 @@ pub enum ErrorKind {
     Unavailable,
     /// A time limit ran out.
     Timeout,
-    /// A bounded resource (queue, pool, body) is full.
+    /// A bounded resource (queue, pool, body, rate) is full.
     Overloaded,
+    /// A circuit breaker is open: the dependency is failing and calls fail fast
+    /// without reaching it. Trying again at once will not help; later may.
+    CircuitOpen,
     /// Bad configuration, found at start.
     Config,
     /// A file or socket operation failed.

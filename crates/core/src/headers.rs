@@ -8,3 +8,11 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const X_SHOAL_SERVED_BY: &str = "x-shoal-served-by";
 /// The longest request id kept from a client; longer ones are replaced.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// How many milliseconds the caller will still wait for this request: its deadline,
+/// relative so that clocks need not agree. A callee stops working on the request once
+/// it runs out and passes what is left on to the services it calls.
+pub const X_SHOAL_DEADLINE_MS: &str = "x-shoal-deadline-ms";
+/// Marks a request as safe to repeat even when its method is not idempotent: the
+/// callee recognises a repeated key. Retries are allowed only with it or an
+/// idempotent method.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";

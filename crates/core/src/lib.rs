@@ -5,9 +5,11 @@
 //!   ([`Origin`]) and whether trying again can help ([`Error::is_retryable`]);
 //! - [`ApiError`]: the one JSON error body every shoal HTTP answer uses;
 //! - [`registry`]: the wire types of the registry API (a non-Rust service speaks them too);
+//! - [`resilience`]: the wire types of fault injection and circuit breaker listings;
 //! - [`config`]: typed configuration from TOML plus `SHOAL_*` environment overrides,
 //!   with unknown keys rejected;
 //! - [`trace`]: W3C trace context (`traceparent`);
+//! - [`deadline`]: deadlines that travel with a request (`x-shoal-deadline-ms`);
 //! - [`headers`]: the header names shoal reads and writes;
 //! - [`shutdown`]: waiting for SIGTERM or SIGINT.
 //!
@@ -15,10 +17,12 @@
 
 mod api_error;
 pub mod config;
+pub mod deadline;
 mod error;
 pub mod headers;
 pub mod names;
 pub mod registry;
+pub mod resilience;
 pub mod shutdown;
 pub mod trace;
 

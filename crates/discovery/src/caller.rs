@@ -7,23 +7,31 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
-use shoal_core::headers::{TRACEPARENT, X_REQUEST_ID};
+use shoal_core::deadline::Deadline;
+use shoal_core::headers::{IDEMPOTENCY_KEY, TRACEPARENT, X_REQUEST_ID};
 use shoal_core::{Error, ErrorKind, Origin};
+use shoal_resilience::{Resilience, Scope};
 use shoal_telemetry::{Metrics, RequestContext};
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
 
 /// Settings of outgoing calls (the `[client]` table of a service's config).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallerConfig {
-    /// Longest wait for a response head, per attempt.
+    /// Longest wait for a response head, per attempt, when the dependency's
+    /// resilience policy sets no `timeout_ms` of its own.
     pub timeout_ms: u64,
     /// Longest wait for a TCP connection.
     pub connect_timeout_ms: u64,
-    /// Most instances tried when connections are refused (a refused connection never
-    /// reached the service, so trying another instance is always safe).
+    /// Most instances tried within one attempt when connections are refused (a
+    /// refused connection never reached the service, so trying another instance is
+    /// always safe, and not counted as a retry).
     pub max_connect_attempts: usize,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout_ms: u64,
@@ -43,14 +51,29 @@ impl Default for CallerConfig {
     }
 }
 
-/// Sends requests to services by name: picks an instance, passes on request id and
-/// trace context, and counts the call in metrics.
+/// Sends requests to services by name: applies the dependency's resilience policy
+/// (retry, breaker, rate limit, bulkhead, timeout, deadline), picks an instance,
+/// passes on request id, trace context and deadline, and counts each attempt in
+/// metrics. Cheap to clone.
 #[derive(Clone)]
 pub struct Caller {
+    inner: Arc<CallerInner>,
+}
+
+struct CallerInner {
     balancer: Balancer,
     http: Client<HttpConnector, Full<Bytes>>,
     cfg: CallerConfig,
+    resilience: Resilience,
     metrics: Option<Metrics>,
+}
+
+/// One attempt at a service: pick an instance and send (the innermost service of
+/// the policy stack).
+#[derive(Clone)]
+struct Attempt {
+    caller: Arc<CallerInner>,
+    service: Arc<str>,
 }
 
 /// A response body that keeps its instance's outstanding-request count until it is
@@ -81,8 +104,14 @@ impl Body for GuardedBody {
 }
 
 impl Caller {
-    /// A caller over `balancer`; `metrics` receives the client series when given.
-    pub fn new(balancer: Balancer, cfg: CallerConfig, metrics: Option<Metrics>) -> Self {
+    /// A caller over `balancer` with `resilience`'s policies; `metrics` receives the
+    /// client series when given.
+    pub fn new(
+        balancer: Balancer,
+        cfg: CallerConfig,
+        resilience: Resilience,
+        metrics: Option<Metrics>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
         connector.set_nodelay(true);
@@ -91,47 +120,118 @@ impl Caller {
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
             .build(connector);
         Self {
-            balancer,
-            http,
-            cfg,
-            metrics,
+            inner: Arc::new(CallerInner {
+                balancer,
+                http,
+                cfg,
+                resilience,
+                metrics,
+            }),
         }
     }
 
     /// The balancer it picks instances with.
     pub fn balancer(&self) -> &Balancer {
-        &self.balancer
+        &self.inner.balancer
     }
 
-    /// Send `req` (its URI is a path and query) to an instance of `service`.
+    /// The policies it applies.
+    pub fn resilience(&self) -> &Resilience {
+        &self.inner.resilience
+    }
+
+    /// Send `req` (its URI is a path and query) to an instance of `service`, under
+    /// the policy configured for `service` (and the request's route).
     ///
-    /// Adds `x-request-id` and `traceparent` from the current request context when the
-    /// request has none. Errors are typed: no healthy instance and refused connections
-    /// are `Unavailable` and retryable; a timeout is `Timeout`, retryable only for
-    /// idempotent methods (the service may have acted on the request).
+    /// Adds `x-request-id`, `traceparent` and `x-shoal-deadline-ms` from the current
+    /// request context when the request has none. Errors are typed: no healthy
+    /// instance and refused connections are `Unavailable`; an attempt that timed out
+    /// is `Timeout`, retryable only for requests safe to repeat; a passed deadline is
+    /// `Timeout` and final; an open breaker is `CircuitOpen`; a full bulkhead or a
+    /// spent rate limit is `Overloaded`.
     pub async fn send(
+        &self,
+        service: &str,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<GuardedBody>, Error> {
+        let scope = self.inner.resilience.scope(service, req.uri().path());
+        self.send_in(&scope, req).await
+    }
+
+    /// Send `req` to `scope`'s dependency under `scope`'s policy (the gateway
+    /// passes its route's scope).
+    pub async fn send_in(
+        &self,
+        scope: &Scope,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<Response<GuardedBody>, Error> {
+        add_context_headers(req.headers_mut());
+        let outer = RequestContext::current().and_then(|c| c.deadline);
+        if let Some(d) = scope.deadline(outer) {
+            if d.expired() {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    Origin::Internal,
+                    format!(
+                        "not calling {}: the request's deadline has passed",
+                        scope.dependency()
+                    ),
+                )
+                .with_retryable(false));
+            }
+            req.extensions_mut().insert(d);
+        }
+        if !self.inner.balancer.discovery().is_loaded() {
+            // Only at process start: give the first catalog a moment to arrive.
+            self.inner
+                .balancer
+                .discovery()
+                .loaded(Duration::from_secs(2))
+                .await;
+        }
+        let attempt = Attempt {
+            caller: self.inner.clone(),
+            service: Arc::from(scope.dependency()),
+        };
+        scope.stack(attempt).oneshot(req).await
+    }
+}
+
+impl Service<Request<Full<Bytes>>> for Attempt {
+    type Response = Response<GuardedBody>;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<GuardedBody>, Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        let caller = self.caller.clone();
+        let service = self.service.clone();
+        Box::pin(async move { caller.attempt(&service, req).await })
+    }
+}
+
+impl CallerInner {
+    /// One attempt: an instance, then the request. A refused connection never
+    /// reached the service, so another instance is tried (always safe).
+    async fn attempt(
         &self,
         service: &str,
         req: Request<Full<Bytes>>,
     ) -> Result<Response<GuardedBody>, Error> {
         let start = Instant::now();
         let (mut parts, body) = req.into_parts();
+        if let Some(d) = parts.extensions.get::<Deadline>() {
+            d.to_headers(&mut parts.headers);
+        }
         let path_and_query = parts
             .uri
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".to_string());
-        add_context_headers(&mut parts.headers);
         let method = parts.method.clone();
-        let idempotent = method.is_idempotent();
-
-        if !self.balancer.discovery().is_loaded() {
-            // Only at process start: give the first catalog a moment to arrive.
-            self.balancer
-                .discovery()
-                .loaded(Duration::from_secs(2))
-                .await;
-        }
         let mut tried: Vec<String> = Vec::new();
         let mut last_err: Option<Error> = None;
         for _ in 0..self.cfg.max_connect_attempts.max(1) {
@@ -151,16 +251,15 @@ impl Caller {
                 })?;
             let mut attempt = Request::from_parts(parts.clone(), body.clone());
             *attempt.uri_mut() = uri;
-            let timeout = Duration::from_millis(self.cfg.timeout_ms);
-            match tokio::time::timeout(timeout, self.http.request(attempt)).await {
-                Ok(Ok(res)) => {
+            match self.http.request(attempt).await {
+                Ok(res) => {
                     self.observe(service, method.as_str(), res.status().as_u16(), start);
                     return Ok(res.map(|inner| GuardedBody {
                         inner,
                         _guard: guard,
                     }));
                 }
-                Ok(Err(e)) if e.is_connect() => {
+                Err(e) if e.is_connect() => {
                     tracing::debug!(service, instance = %ep.instance.id, error = %e, "connection refused; trying another instance");
                     tried.push(ep.instance.id.clone());
                     last_err = Some(
@@ -171,24 +270,18 @@ impl Caller {
                         .with_source(e),
                     );
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     self.observe(service, method.as_str(), 0, start);
+                    // The request may have reached the service: repeat it only if
+                    // that is safe.
                     return Err(Error::new(
                         ErrorKind::Unavailable,
                         Origin::Upstream,
                         format!("call to {service} failed"),
                     )
                     .with_source(e)
-                    .with_retryable(idempotent));
-                }
-                Err(_) => {
-                    self.observe(service, method.as_str(), 0, start);
-                    return Err(Error::new(
-                        ErrorKind::Timeout,
-                        Origin::Upstream,
-                        format!("{service} did not answer within {} ms", timeout.as_millis()),
-                    )
-                    .with_retryable(idempotent));
+                    .with_retryable(method.is_idempotent()
+                        || parts.headers.contains_key(IDEMPOTENCY_KEY)));
                 }
             }
         }

@@ -6,9 +6,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// How long one watch request waits for a change before asking again.
-const WATCH_WAIT: Duration = Duration::from_secs(30);
-/// Longest pause between attempts while the registry is unreachable.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+pub(crate) const WATCH_WAIT: Duration = Duration::from_secs(30);
 
 /// A local copy of the registry's catalog, kept current by a long-poll watch.
 ///
@@ -18,10 +16,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Discovery {
     rx: watch::Receiver<Option<Arc<Catalog>>>,
+    registry: Option<RegistryClient>,
     _task: Option<Arc<AbortOnDrop>>,
 }
 
-struct AbortOnDrop(JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
@@ -32,36 +31,23 @@ impl Discovery {
     /// Start watching the registry.
     pub fn start(client: RegistryClient) -> Self {
         let (tx, rx) = watch::channel(None);
-        let task = tokio::spawn(async move {
-            let mut index: Option<u64> = None;
-            let mut backoff = Duration::from_millis(50);
-            let mut failing = false;
-            loop {
-                match client.catalog(index, WATCH_WAIT).await {
-                    Ok(c) => {
-                        if failing {
-                            tracing::info!(registry = %client.base(), "registry reachable again");
-                            failing = false;
-                        }
-                        backoff = Duration::from_millis(50);
-                        if Some(c.index) != index {
-                            index = Some(c.index);
-                            tx.send_replace(Some(Arc::new(c)));
-                        }
-                    }
-                    Err(e) => {
-                        if !failing {
-                            tracing::warn!(registry = %client.base(), error = %e, "registry watch failed; keeping the last catalog");
-                            failing = true;
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
-            }
-        });
+        let registry = Some(client.clone());
+        let task = crate::watch::spawn(
+            "catalog",
+            client.base().to_string(),
+            move |index| {
+                let client = client.clone();
+                async move { client.catalog(index, WATCH_WAIT).await }
+            },
+            move |c: Catalog| {
+                let index = c.index;
+                tx.send_replace(Some(Arc::new(c)));
+                index
+            },
+        );
         Self {
             rx,
+            registry,
             _task: Some(Arc::new(AbortOnDrop(task))),
         }
     }
@@ -69,7 +55,16 @@ impl Discovery {
     /// A fixed catalog that never changes: static upstreams, and tests.
     pub fn fixed(catalog: Catalog) -> Self {
         let (_tx, rx) = watch::channel(Some(Arc::new(catalog)));
-        Self { rx, _task: None }
+        Self {
+            rx,
+            registry: None,
+            _task: None,
+        }
+    }
+
+    /// The registry it watches (`None` for a fixed catalog).
+    pub fn registry(&self) -> Option<&RegistryClient> {
+        self.registry.as_ref()
     }
 
     /// The latest catalog (empty before the first answer).

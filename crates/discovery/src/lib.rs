@@ -7,21 +7,26 @@
 //!   a call never waits on the registry and survives the registry being briefly away;
 //! - [`Balancer`]: picks a healthy instance (round robin, or power of two choices on
 //!   outstanding requests);
-//! - [`Caller`]: sends a request to a service by name over pooled keep-alive
-//!   connections, passing on request id and trace context; [`ServiceClient`] is its
-//!   convenient, buffered face (`ctx.client("catalog").get("/api/products")`).
+//! - [`Caller`]: sends a request to a service by name under its resilience policy
+//!   (`shoal-resilience`) over pooled keep-alive connections, passing on request id,
+//!   trace context and deadline; [`ServiceClient`] is its convenient, buffered face
+//!   (`ctx.client("catalog").get("/api/products")`);
+//! - [`FaultWatch`]: keeps a process's injected faults in step with the control plane.
 
 mod balance;
 mod body;
 mod caller;
 mod client;
 mod discovery;
+mod faults;
 mod lease;
 mod registry_client;
+mod watch;
 
 pub use balance::{Balancer, Endpoint, InflightGuard, Strategy};
 pub use caller::{Caller, CallerConfig, GuardedBody};
 pub use client::{ClientResponse, RequestBuilder, ServiceClient};
 pub use discovery::Discovery;
+pub use faults::FaultWatch;
 pub use lease::Lease;
 pub use registry_client::RegistryClient;

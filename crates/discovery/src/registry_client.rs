@@ -5,11 +5,28 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use shoal_core::registry::{Catalog, Registered, Registration};
+use shoal_core::resilience::{BreakerList, FaultList, FaultRule};
 use shoal_core::{ApiError, Error, ErrorKind, Origin};
 use std::time::Duration;
 
 /// Largest registry answer read (a catalog of the registry's maximum size fits).
 const MAX_ANSWER_BYTES: usize = 32 * 1024 * 1024;
+/// Longest `GET /v1/breakers` may take: the control plane asks every instance (each
+/// bounded to 500 ms, 64 at a time), so a large system takes more than one call's time.
+const BREAKERS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `value` made safe for a URL's path segment or query value (percent-encoded).
+fn encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
 
 /// The registry's HTTP API, from the client side.
 #[derive(Clone)]
@@ -104,6 +121,7 @@ impl RegistryClient {
             let kind = match status {
                 StatusCode::NOT_FOUND => ErrorKind::NotFound,
                 StatusCode::BAD_REQUEST => ErrorKind::InvalidInput,
+                StatusCode::CONFLICT => ErrorKind::Conflict,
                 s if s.is_server_error() => ErrorKind::Unavailable,
                 _ => ErrorKind::Protocol,
             };
@@ -179,5 +197,87 @@ impl RegistryClient {
         let timeout = self.timeout + wait;
         let (status, bytes) = self.call(Method::GET, &path, None, timeout).await?;
         Self::decode(status, &bytes, "catalog")
+    }
+
+    /// Add a fault rule (`POST /v1/faults`); answers the stored rule, with the `id`
+    /// and `expires_at_ms` the control plane gave it.
+    pub async fn add_fault(&self, rule: &FaultRule) -> Result<FaultRule, Error> {
+        let body = serde_json::to_vec(rule)
+            .map_err(|e| Error::internal("encoding fault rule").with_source(e))?;
+        let (status, bytes) = self
+            .call(Method::POST, "/v1/faults", Some(body), self.timeout)
+            .await?;
+        Self::decode(status, &bytes, "add fault")
+    }
+
+    /// The fault rules in force (of `service` only, when given), or (with `after`)
+    /// once the table's index differs from `after`, waiting at most `wait`.
+    pub async fn faults(
+        &self,
+        service: Option<&str>,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Result<FaultList, Error> {
+        let mut query = Vec::new();
+        if let Some(s) = service {
+            query.push(format!("service={}", encode(s)));
+        }
+        if let Some(i) = after {
+            query.push(format!("index={i}&wait_ms={}", wait.as_millis()));
+        }
+        let path = if query.is_empty() {
+            "/v1/faults".to_string()
+        } else {
+            format!("/v1/faults?{}", query.join("&"))
+        };
+        let timeout = self.timeout
+            + if after.is_some() {
+                wait
+            } else {
+                Duration::ZERO
+            };
+        let (status, bytes) = self.call(Method::GET, &path, None, timeout).await?;
+        Self::decode(status, &bytes, "faults")
+    }
+
+    /// Remove one fault rule. `Ok(false)` when the control plane holds no rule with
+    /// that id (removed already, or expired).
+    pub async fn remove_fault(&self, id: &str) -> Result<bool, Error> {
+        let (status, bytes) = self
+            .call(
+                Method::DELETE,
+                &format!("/v1/faults/{}", encode(id)),
+                None,
+                self.timeout,
+            )
+            .await?;
+        match status {
+            StatusCode::NO_CONTENT => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Self::decode::<serde_json::Value>(status, &bytes, "remove fault").map(|_| true),
+        }
+    }
+
+    /// Remove every fault rule of `service`, or all of them; answers how many went.
+    pub async fn clear_faults(&self, service: Option<&str>) -> Result<u64, Error> {
+        #[derive(serde::Deserialize)]
+        struct Removed {
+            removed: u64,
+        }
+        let path = match service {
+            Some(s) => format!("/v1/faults?service={}", encode(s)),
+            None => "/v1/faults".to_string(),
+        };
+        let (status, bytes) = self.call(Method::DELETE, &path, None, self.timeout).await?;
+        Self::decode::<Removed>(status, &bytes, "clear faults").map(|r| r.removed)
+    }
+
+    /// Every instance's circuit breakers, gathered by the control plane; instances
+    /// that did not answer are listed in `unreachable`.
+    pub async fn breakers(&self) -> Result<BreakerList, Error> {
+        let (status, bytes) = self
+            .call(Method::GET, "/v1/breakers", None, BREAKERS_TIMEOUT)
+            .await?;
+        Self::decode(status, &bytes, "breakers")
     }
 }

@@ -1,6 +1,7 @@
 use serde::Deserialize;
 use shoal_discovery::{CallerConfig, Strategy};
-use std::net::SocketAddr;
+use shoal_resilience::ResilienceConfig;
+use std::net::{IpAddr, SocketAddr};
 
 /// The `[gateway]` table of the system file.
 #[derive(Clone, Debug, Deserialize)]
@@ -21,6 +22,10 @@ pub struct GatewayConfig {
     pub log_level: String,
     /// The route table, matched by longest prefix.
     pub routes: Vec<RouteConfig>,
+    /// Resilience policies of calls to services; a route may name its own.
+    pub resilience: ResilienceConfig,
+    /// Source addresses allowed to use `/admin/*`.
+    pub admin_allow: Vec<IpAddr>,
 }
 
 impl Default for GatewayConfig {
@@ -33,6 +38,8 @@ impl Default for GatewayConfig {
             upstream: CallerConfig::default(),
             log_level: "info".into(),
             routes: Vec::new(),
+            resilience: ResilienceConfig::default(),
+            admin_allow: vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])],
         }
     }
 }
@@ -49,10 +56,16 @@ pub struct RouteConfig {
     /// Remove the prefix before forwarding.
     #[serde(default)]
     pub strip_prefix: bool,
+    /// A resilience policy of this route's own (with its own breaker); without one,
+    /// calls go under the service's policy in `resilience`.
+    #[serde(default)]
+    pub policy: Option<String>,
 }
 
 /// Paths the gateway answers itself.
 pub(crate) const RESERVED: &[&str] = &["/health/live", "/health/ready", "/metrics"];
+/// Prefixes the gateway keeps for itself: operators' endpoints.
+pub(crate) const RESERVED_PREFIXES: &[&str] = &["/admin", "/ops"];
 
 impl GatewayConfig {
     /// Reject a route table that cannot work, naming the route.
@@ -75,8 +88,16 @@ impl GatewayConfig {
             {
                 return bad("prefix must be plain path segments".into());
             }
-            if RESERVED.iter().any(|p| *p == r.prefix) {
+            if RESERVED.iter().any(|p| *p == r.prefix)
+                || RESERVED_PREFIXES.iter().any(|p| {
+                    r.prefix == *p || r.prefix.starts_with(&format!("{p}/"))
+                })
+            {
                 return bad("prefix is reserved by the gateway".into());
+            }
+            if let Some(p) = &r.policy {
+                self.resilience
+                    .check_ref(&format!("gateway.routes[{i}].policy"), p)?;
             }
             if !seen.insert(r.prefix.clone()) {
                 return bad("prefix listed twice".into());
@@ -85,6 +106,7 @@ impl GatewayConfig {
                 shoal_core::Error::config(format!("gateway.routes[{i}].service: {e}"))
             })?;
         }
+        self.resilience.validate("gateway.resilience")?;
         if self.body_limit_bytes == 0 || self.request_timeout_ms == 0 {
             return Err(shoal_core::Error::config(
                 "gateway: body_limit_bytes and request_timeout_ms must be positive",

@@ -7,10 +7,13 @@ use axum::{Json, Router};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use shoal_core::{ApiError, Error, ErrorKind};
-use shoal_discovery::{Balancer, Caller, Discovery};
+use shoal_core::resilience::BreakerList;
+use shoal_discovery::{Balancer, Caller, Discovery, FaultWatch};
+use shoal_resilience::fault::FaultInjector;
+use shoal_resilience::{Resilience, Scope};
 use shoal_telemetry::http::ServerTelemetry;
 use shoal_telemetry::Metrics;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,26 +37,40 @@ pub struct Gateway {
     caller: Caller,
     routes: Arc<Vec<RouteConfig>>,
     body_limit: usize,
+    admin_allow: Arc<Vec<IpAddr>>,
+    faults: FaultInjector,
 }
 
 struct RouteState {
     gw: Gateway,
     route: RouteConfig,
+    /// The route's own policy scope, when it names a policy.
+    scope: Option<Arc<Scope>>,
 }
 
 impl Gateway {
     /// A gateway over `discovery` with `cfg`'s routes.
     pub fn new(cfg: &GatewayConfig, discovery: Discovery, metrics: Metrics) -> Result<Self, Error> {
         cfg.validate()?;
+        let resilience = Resilience::new(
+            cfg.resilience.clone(),
+            "gateway",
+            Duration::from_millis(cfg.upstream.timeout_ms),
+            Some(&metrics),
+        )?;
+        let faults = FaultInjector::new("gateway", resilience.metrics().cloned());
         let caller = Caller::new(
             Balancer::new(discovery, cfg.load_balancing),
             cfg.upstream.clone(),
+            resilience,
             Some(metrics),
         );
         Ok(Self {
             caller,
             routes: Arc::new(cfg.routes.clone()),
             body_limit: cfg.body_limit_bytes,
+            admin_allow: Arc::new(cfg.admin_allow.clone()),
+            faults,
         })
     }
 
@@ -61,9 +78,15 @@ impl Gateway {
     pub fn router(&self, metrics: Metrics) -> Router {
         let mut router = Router::new();
         for route in self.routes.iter() {
+            let scope = route.policy.as_ref().map(|p| {
+                self.caller
+                    .resilience()
+                    .route_scope(&route.service, &route.prefix, p)
+            });
             let st = Arc::new(RouteState {
                 gw: self.clone(),
                 route: route.clone(),
+                scope,
             });
             let rest = if route.prefix == "/" {
                 "/{*rest}".to_string()
@@ -75,8 +98,11 @@ impl Gateway {
                 .route(&rest, any(proxy).with_state(st));
         }
         let gw = self.clone();
+        let admin = self.clone();
         router
             .route("/health/ready", get(move || ready(gw.clone())))
+            .route("/admin/breakers", get(breakers).with_state(admin))
+            .merge(shoal_resilience::ops_routes(self.caller.resilience().clone()))
             .merge(shoal_telemetry::http::ops_routes(metrics))
             .layer(DefaultBodyLimit::max(self.body_limit))
     }
@@ -100,6 +126,40 @@ async fn ready(gw: Gateway) -> Response {
         )
             .into_response()
     }
+}
+
+/// `GET /admin/breakers`: the gateway's own breakers and every service instance's
+/// (through the control plane). Operators only: an allowed source address.
+async fn breakers(
+    State(gw): State<Gateway>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    if !gw.admin_allow.contains(&peer.ip()) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "admin endpoints are not open to this address",
+        )
+        .into_response();
+    }
+    let mut list = BreakerList {
+        breakers: gw.caller.resilience().breakers(),
+        unreachable: Vec::new(),
+    };
+    match gw.caller.balancer().discovery().registry() {
+        Some(registry) => match registry.breakers().await {
+            Ok(services) => {
+                list.breakers.extend(services.breakers);
+                list.unreachable.extend(services.unreachable);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control plane breaker listing failed");
+                list.unreachable.push("control-plane".into());
+            }
+        },
+        None => {}
+    }
+    Json(list).into_response()
 }
 
 /// True for a path that could mean something else after normalisation (dot
@@ -177,35 +237,60 @@ async fn proxy(
     headers.remove(http::header::CONTENT_LENGTH);
     append_forwarded(headers, &parts.headers, peer);
 
-    match st.gw.caller.send(&st.route.service, out).await {
+    let sent = match &st.scope {
+        Some(scope) => st.gw.caller.send_in(scope, out).await,
+        None => st.gw.caller.send(&st.route.service, out).await,
+    };
+    match sent {
         Ok(res) => {
             let (mut parts, body) = res.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Body::new(body))
         }
-        Err(e) => upstream_error(&st.route.service, e).into_response(),
+        Err(e) => {
+            let none_healthy = st
+                .gw
+                .caller
+                .balancer()
+                .discovery()
+                .healthy(&st.route.service)
+                .is_empty();
+            upstream_error(&st.route.service, &e, none_healthy).into_response()
+        }
     }
 }
 
-fn upstream_error(service: &str, e: Error) -> ApiError {
+/// The gateway's answer for a failed upstream call, by the error's kind.
+fn upstream_error(service: &str, e: &Error, none_healthy: bool) -> ApiError {
     tracing::warn!(service, error = %e, "upstream call failed");
-    match e.kind() {
-        ErrorKind::Timeout => ApiError::new(
+    let (status, code, message) = match e.kind() {
+        ErrorKind::Timeout => (
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_timeout",
             format!("{service} did not answer in time"),
         ),
-        _ if e.message().starts_with("no healthy instance") => ApiError::new(
+        ErrorKind::CircuitOpen => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "circuit_open",
+            format!("{service} is failing; calls are paused"),
+        ),
+        ErrorKind::Overloaded => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!("too many calls to {service} in flight"),
+        ),
+        ErrorKind::Unavailable if none_healthy => (
             StatusCode::SERVICE_UNAVAILABLE,
             "no_healthy_upstream",
             format!("no healthy instance of {service}"),
         ),
-        _ => ApiError::new(
+        _ => (
             StatusCode::BAD_GATEWAY,
             "upstream_unavailable",
             format!("{service} could not be reached"),
         ),
-    }
+    };
+    ApiError::new(status, code, message)
 }
 
 fn copy_end_to_end(from: &HeaderMap, to: &mut HeaderMap) {
@@ -256,16 +341,25 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let metrics = Metrics::new("gateway");
+    let registry = discovery.registry().cloned();
     let gw = Gateway::new(cfg, discovery, metrics.clone())?;
+    let _fault_watch = registry.map(|r| FaultWatch::start(r, gw.faults.clone()));
     let telemetry = Arc::new(ServerTelemetry {
         metrics: metrics.clone(),
         // Services say who served; the gateway adds nothing of its own.
         served_by: None,
+        // The edge sets the deadline (its request timeout), which travels to every
+        // service the request reaches; a client's own deadline header is not trusted.
         request_timeout: Some(Duration::from_millis(cfg.request_timeout_ms)),
+        honour_deadline: false,
     });
     let app = gw
         .router(metrics)
         .fallback(|| async { ApiError::not_found("no route for this path") })
+        .layer(axum::middleware::from_fn_with_state(
+            gw.faults.clone(),
+            shoal_resilience::fault::middleware,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             telemetry,
             shoal_telemetry::http::layer,

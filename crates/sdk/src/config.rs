@@ -1,5 +1,6 @@
 use serde::Deserialize;
 use shoal_discovery::{CallerConfig, Strategy};
+use shoal_resilience::ResilienceConfig;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -42,6 +43,8 @@ pub struct ServiceConfig {
     pub load_balancing: Strategy,
     /// Outgoing call settings.
     pub client: CallerConfig,
+    /// Resilience policies of outgoing calls (`docs/resilience.md`).
+    pub resilience: ResilienceConfig,
     /// The service's database.
     pub database: DatabaseConfig,
 }
@@ -65,6 +68,7 @@ impl Default for ServiceConfig {
             shutdown_drain_ms: 10_000,
             load_balancing: Strategy::default(),
             client: CallerConfig::default(),
+            resilience: ResilienceConfig::default(),
             database: DatabaseConfig::default(),
         }
     }
@@ -115,6 +119,6 @@ impl ServiceConfig {
         if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&self.ttl_ms) {
             return bad("ttl_ms", "must be between 1000 and 300000");
         }
-        Ok(())
+        self.resilience.validate("resilience")
     }
 }

@@ -6,7 +6,9 @@ use axum::{Extension, Router};
 use http::HeaderValue;
 use shoal_core::registry::Registration;
 use shoal_core::Error;
-use shoal_discovery::{Balancer, Caller, Discovery, Lease, RegistryClient};
+use shoal_discovery::{Balancer, Caller, Discovery, FaultWatch, Lease, RegistryClient};
+use shoal_resilience::fault::FaultInjector;
+use shoal_resilience::Resilience;
 use shoal_telemetry::http::ServerTelemetry;
 use shoal_telemetry::Metrics;
 use std::future::Future;
@@ -202,9 +204,17 @@ impl Service {
         } else {
             Discovery::fixed(Default::default())
         };
+        let resilience = Resilience::new(
+            cfg.resilience.clone(),
+            &instance_id,
+            Duration::from_millis(cfg.client.timeout_ms),
+            Some(&metrics),
+        )?;
+        let faults = FaultInjector::new(&self.name, resilience.metrics().cloned());
         let caller = Caller::new(
             Balancer::new(discovery, cfg.load_balancing),
             cfg.client.clone(),
+            resilience.clone(),
             Some(metrics.clone()),
         );
         let ctx = Ctx(Arc::new(CtxInner {
@@ -230,13 +240,19 @@ impl Service {
                 None
             },
             request_timeout: Some(Duration::from_millis(cfg.request_timeout_ms)),
+            honour_deadline: true,
         });
         let app = self
             .router
             .merge(health::router(health))
             .merge(shoal_telemetry::http::ops_routes(ctx.metrics().clone()))
+            .merge(shoal_resilience::ops_routes(resilience))
             .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
             .layer(Extension(ctx.clone()))
+            .layer(axum::middleware::from_fn_with_state(
+                faults.clone(),
+                shoal_resilience::fault::middleware,
+            ))
             .layer(axum::middleware::from_fn_with_state(
                 telemetry,
                 shoal_telemetry::http::layer,
@@ -251,6 +267,9 @@ impl Service {
                 .await
         });
 
+        let fault_watch = cfg
+            .register
+            .then(|| FaultWatch::start(registry.clone(), faults));
         let lease = if cfg.register {
             let reg = Registration {
                 service: self.name.clone(),
@@ -278,6 +297,7 @@ impl Service {
             ctx,
             lease,
             draining,
+            _fault_watch: fault_watch,
             stop: Some(stop_tx),
             server: Some(server),
             grace: Duration::from_millis(cfg.deregister_grace_ms),
@@ -292,6 +312,7 @@ pub struct RunningService {
     ctx: Ctx,
     lease: Option<Lease>,
     draining: Arc<AtomicBool>,
+    _fault_watch: Option<FaultWatch>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
     grace: Duration,

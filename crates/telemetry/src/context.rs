@@ -1,5 +1,6 @@
 //! The context of the request being handled, visible anywhere in its task.
 
+use shoal_core::deadline::Deadline;
 use shoal_core::trace::TraceContext;
 use std::future::Future;
 
@@ -14,6 +15,8 @@ pub struct RequestContext {
     pub request_id: String,
     /// This hop's position in the trace.
     pub trace: TraceContext,
+    /// When the caller stops waiting; calls made for this request end by then.
+    pub deadline: Option<Deadline>,
 }
 
 impl RequestContext {
@@ -22,6 +25,7 @@ impl RequestContext {
         Self {
             request_id: new_request_id(),
             trace: TraceContext::new_root(),
+            deadline: None,
         }
     }
 

@@ -13,10 +13,12 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 use shoal_core::headers::{TRACEPARENT, X_REQUEST_ID, X_SHOAL_SERVED_BY};
+use shoal_core::deadline::Deadline;
 use shoal_core::trace::TraceContext;
 use shoal_core::ApiError;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 /// The most of a non-JSON error body kept as the JSON error's message.
@@ -31,6 +33,10 @@ pub struct ServerTelemetry {
     pub served_by: Option<HeaderValue>,
     /// Longest time a handler may take before the request is answered 503.
     pub request_timeout: Option<Duration>,
+    /// Honour a caller's `x-shoal-deadline-ms`: stop working on the request (and
+    /// answer 504) once the caller has given up. The request timeout still applies
+    /// when it is sooner. Off at an edge that does not trust its clients' headers.
+    pub honour_deadline: bool,
 }
 
 /// `GET /health/live` and `GET /metrics`, which every shoal server answers the same
@@ -96,24 +102,42 @@ pub async fn layer(
         method = %method,
         route = %route,
     );
+    // The caller's deadline and our own time limit: the sooner one ends the request
+    // (dropping the handler's future cancels its work, its calls included).
+    let caller_deadline = if st.honour_deadline {
+        Deadline::from_headers(req.headers())
+    } else {
+        None
+    };
+    let own_limit = st.request_timeout.map(Deadline::after);
+    let deadline = Deadline::earliest(caller_deadline, own_limit);
     let ctx = RequestContext {
         request_id: request_id.clone(),
         trace,
+        deadline,
     };
 
     st.metrics.http_server.in_flight.inc();
-    let run = ctx.scope(next.run(req)).instrument(span.clone());
-    let res = match st.request_timeout {
-        Some(limit) => match tokio::time::timeout(limit, run).await {
-            Ok(res) => res,
-            Err(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                format!("the request took longer than {} ms", limit.as_millis()),
-            )
-            .into_response(),
-        },
-        None => run.await,
+    let res = if caller_deadline.is_some_and(|d| d.expired()) {
+        deadline_passed()
+    } else {
+        let run = ctx.scope(next.run(req)).instrument(span.clone());
+        match deadline {
+            Some(d) => match tokio::time::timeout_at(d.0, run).await {
+                Ok(res) => res,
+                Err(_) if Some(d) == caller_deadline => deadline_passed(),
+                Err(_) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    format!(
+                        "the request took longer than {} ms",
+                        st.request_timeout.unwrap_or_default().as_millis()
+                    ),
+                )
+                .into_response(),
+            },
+            None => run.await,
+        }
     };
     st.metrics.http_server.in_flight.dec();
 
@@ -137,6 +161,15 @@ pub async fn layer(
         }
     });
     res
+}
+
+fn deadline_passed() -> Response {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "deadline_exceeded",
+        "the caller's deadline passed; the request was not completed",
+    )
+    .into_response()
 }
 
 /// Turn an error answer that is not JSON (a rejected extractor, an unknown path, a

@@ -12,6 +12,7 @@ use shoal_discovery::{
     Balancer, Caller, CallerConfig, Discovery, RegistryClient, ServiceClient, Strategy,
 };
 use shoal_tests::{answers_ok, control_plane, control_plane_at, fast_registry, gateway, temp_dir};
+use shoal_resilience::{Resilience, ResilienceConfig};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -196,6 +197,13 @@ async fn load_spreads_across_two_replicas_client_side_and_through_the_gateway() 
     let caller = Caller::new(
         Balancer::new(discovery.clone(), Strategy::RoundRobin),
         CallerConfig::default(),
+        Resilience::new(
+            ResilienceConfig::default(),
+            "test",
+            Duration::from_secs(10),
+            None,
+        )
+        .unwrap(),
         None,
     );
     let client = ServiceClient::new(caller, "echo");

@@ -182,3 +182,33 @@ pub fn bin_dir() -> PathBuf {
         .map(PathBuf::from)
         .expect("target dir")
 }
+
+/// Build the binaries the process tests run (a no-op when the test command built
+/// them already).
+pub fn build_binaries() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "-p",
+            "shoal-cli",
+            "-p",
+            "shop-catalog",
+            "-p",
+            "shop-inventory",
+        ])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building the binaries failed");
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing test
+/// leaves nothing running.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,5 +1,5 @@
 //! `shoal`: one binary for the control plane, the gateway, the supervisor (`up`)
-//! and the operator's commands (`status`). Each subcommand parses its flags and
+//! and the operator's commands (`status`, `chaos`). Each subcommand parses its flags and
 //! calls into the crate that does the work.
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod chaos;
 mod status;
 
 fn cli() -> Command {
@@ -53,6 +54,7 @@ fn cli() -> Command {
                         .help("Machine-readable output"),
                 ),
         )
+        .subcommand(chaos::command(system.clone(), registry.clone()))
         .subcommand(
             Command::new("control-plane")
                 .about("Run the control plane (service registry)")
@@ -133,6 +135,7 @@ async fn main() -> ExitCode {
     let result = match matches.subcommand() {
         Some(("up", m)) => up(m).await,
         Some(("status", m)) => status::run(m).await,
+        Some(("chaos", m)) => chaos::run(m).await,
         Some(("control-plane", m)) => control_plane(m).await,
         Some(("gateway", m)) => gateway(m).await,
         _ => Err(Error::config("unknown command; see shoal --help")),

@@ -11,8 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Where the control plane is: the flag, else a running `shoal up`'s state, else the
-/// system file's address, else the default.
-fn registry_url(m: &ArgMatches) -> (String, Option<UpState>) {
+/// system file's address, else the default. Shared by every command that talks to
+/// the control plane (`status`, `chaos`); `m` must define `system` and `registry`.
+pub(crate) fn registry_url(m: &ArgMatches) -> (String, Option<UpState>) {
     let system = m
         .get_one::<String>("system")
         .map(String::as_str)

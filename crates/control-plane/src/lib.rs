@@ -1,8 +1,15 @@
 //! The shoal control plane: one process that hosts the platform's shared parts.
 //!
-//! Today it hosts the service registry. The embedded broker, the certificate
+//! Today it hosts the service registry, the fault table of run-time fault injection
+//! ([`FaultTable`], `/v1/faults`) and the circuit breaker overview (`/v1/breakers`,
+//! gathered from every instance on request). The embedded broker, the certificate
 //! authority, the trace collector and the dashboard join it here, each as a router
 //! merged into [`router`] and a background task started by [`run`].
+
+mod breakers;
+mod faults;
+
+pub use faults::{FaultError, FaultTable};
 
 use axum::routing::get;
 use axum::{Json, Router};
@@ -41,15 +48,21 @@ impl Default for ControlPlaneConfig {
     }
 }
 
-/// The control plane's HTTP API: the registry's routes plus health and metrics.
-pub fn router(registry: Registry, metrics: Metrics) -> Router {
+/// The control plane's HTTP API: the registry's routes, the fault table's, the
+/// breaker overview, health and metrics.
+pub fn router(registry: Registry, faults: FaultTable, metrics: Metrics) -> Router {
     let render = metrics.clone();
     let telemetry = Arc::new(ServerTelemetry {
         metrics,
         served_by: None,
-        request_timeout: None, // watches are long polls, bounded by the registry itself
+        // Watches are long polls, bounded by the registry and the fault table
+        // themselves; the breaker fan-out bounds each instance's answer.
+        request_timeout: None,
+        honour_deadline: false,
     });
-    shoal_registry::router(registry)
+    shoal_registry::router(registry.clone())
+        .merge(faults::router(faults))
+        .merge(breakers::router(registry))
         .route(
             "/health/ready",
             get(|| async { Json(serde_json::json!({"status": "ready"})) }),
@@ -73,8 +86,18 @@ pub async fn run(
     }
     let registry = Registry::new(cfg.registry.clone())?;
     let metrics = Metrics::new("control-plane");
-    let app = router(registry.clone(), metrics);
+    let faults = FaultTable::new();
+    let app = router(registry.clone(), faults.clone(), metrics);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let expiry = {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = faults.run_expiry() => {}
+                _ = rx.wait_for(|s| *s) => {}
+            }
+        })
+    };
     let background = {
         let registry = registry.clone();
         let mut rx = stop_rx.clone();
@@ -96,5 +119,6 @@ pub async fn run(
     // Watches are long polls: give them a moment, then stop regardless.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     let _ = background.await;
+    let _ = expiry.await;
     Ok(())
 }

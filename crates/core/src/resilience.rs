@@ -223,8 +223,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.action(), FaultAction::Error(503));
         assert!(r.validate().is_ok());
-        let r: FaultRule =
-            serde_json::from_str(r#"{"service":"payment","kind":"abort"}"#).unwrap();
+        let r: FaultRule = serde_json::from_str(r#"{"service":"payment","kind":"abort"}"#).unwrap();
         assert_eq!(r.percent, 100.0);
         for bad in [
             r#"{"service":"payment","kind":"error","status":200}"#,
@@ -243,8 +242,7 @@ mod tests {
         )
         .is_err());
         assert!(
-            serde_json::from_str::<FaultRule>(r#"{"service":"payment","kind":"explode"}"#)
-                .is_err()
+            serde_json::from_str::<FaultRule>(r#"{"service":"payment","kind":"explode"}"#).is_err()
         );
     }
 

@@ -280,8 +280,9 @@ impl CallerInner {
                         format!("call to {service} failed"),
                     )
                     .with_source(e)
-                    .with_retryable(method.is_idempotent()
-                        || parts.headers.contains_key(IDEMPOTENCY_KEY)));
+                    .with_retryable(
+                        method.is_idempotent() || parts.headers.contains_key(IDEMPOTENCY_KEY),
+                    ));
                 }
             }
         }

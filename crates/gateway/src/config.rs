@@ -39,7 +39,10 @@ impl Default for GatewayConfig {
             log_level: "info".into(),
             routes: Vec::new(),
             resilience: ResilienceConfig::default(),
-            admin_allow: vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])],
+            admin_allow: vec![
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+            ],
         }
     }
 }
@@ -89,9 +92,9 @@ impl GatewayConfig {
                 return bad("prefix must be plain path segments".into());
             }
             if RESERVED.iter().any(|p| *p == r.prefix)
-                || RESERVED_PREFIXES.iter().any(|p| {
-                    r.prefix == *p || r.prefix.starts_with(&format!("{p}/"))
-                })
+                || RESERVED_PREFIXES
+                    .iter()
+                    .any(|p| r.prefix == *p || r.prefix.starts_with(&format!("{p}/")))
             {
                 return bad("prefix is reserved by the gateway".into());
             }

@@ -6,8 +6,8 @@ use axum::routing::{any, get};
 use axum::{Json, Router};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
-use shoal_core::{ApiError, Error, ErrorKind};
 use shoal_core::resilience::BreakerList;
+use shoal_core::{ApiError, Error, ErrorKind};
 use shoal_discovery::{Balancer, Caller, Discovery, FaultWatch};
 use shoal_resilience::fault::FaultInjector;
 use shoal_resilience::{Resilience, Scope};
@@ -102,7 +102,9 @@ impl Gateway {
         router
             .route("/health/ready", get(move || ready(gw.clone())))
             .route("/admin/breakers", get(breakers).with_state(admin))
-            .merge(shoal_resilience::ops_routes(self.caller.resilience().clone()))
+            .merge(shoal_resilience::ops_routes(
+                self.caller.resilience().clone(),
+            ))
             .merge(shoal_telemetry::http::ops_routes(metrics))
             .layer(DefaultBodyLimit::max(self.body_limit))
     }
@@ -146,8 +148,8 @@ async fn breakers(
         breakers: gw.caller.resilience().breakers(),
         unreachable: Vec::new(),
     };
-    match gw.caller.balancer().discovery().registry() {
-        Some(registry) => match registry.breakers().await {
+    if let Some(registry) = gw.caller.balancer().discovery().registry() {
+        match registry.breakers().await {
             Ok(services) => {
                 list.breakers.extend(services.breakers);
                 list.unreachable.extend(services.unreachable);
@@ -156,8 +158,7 @@ async fn breakers(
                 tracing::warn!(error = %e, "control plane breaker listing failed");
                 list.unreachable.push("control-plane".into());
             }
-        },
-        None => {}
+        }
     }
     Json(list).into_response()
 }

@@ -192,8 +192,12 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.recorded {
-            self.breaker
-                .on_result(self.generation, self.probe, Outcome::Ignored, Duration::ZERO);
+            self.breaker.on_result(
+                self.generation,
+                self.probe,
+                Outcome::Ignored,
+                Duration::ZERO,
+            );
         }
     }
 }
@@ -310,10 +314,8 @@ impl CircuitBreaker {
             BreakerState::Closed => {
                 g.window.record(failed, slow, now);
                 let t = g.window.totals(now);
-                if t.calls >= self.cfg.minimum_calls {
-                    if self.tripped(&t) {
-                        self.transition(&mut g, BreakerState::Open, now, t);
-                    }
+                if t.calls >= self.cfg.minimum_calls && self.tripped(&t) {
+                    self.transition(&mut g, BreakerState::Open, now, t);
                 }
             }
             BreakerState::HalfOpen if probe => {
@@ -338,13 +340,7 @@ impl CircuitBreaker {
             || (self.slow_after.is_some() && slow_rate >= self.cfg.slow_call_rate_percent)
     }
 
-    fn transition(
-        &self,
-        g: &mut Inner,
-        to: BreakerState,
-        now: Instant,
-        outcomes: Tally,
-    ) {
+    fn transition(&self, g: &mut Inner, to: BreakerState, now: Instant, outcomes: Tally) {
         let (failure_rate, slow_rate) = outcomes.rates();
         let from = g.state;
         g.state = to;
@@ -461,7 +457,11 @@ mod tests {
         let b = breaker(count_cfg());
         // 4 of 10 failed: 40% < 50%.
         for i in 0..10 {
-            let o = if i >= 6 { Outcome::Failure } else { Outcome::Success };
+            let o = if i >= 6 {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
             call(&b, o).unwrap();
         }
         assert_eq!(b.state(), BreakerState::Closed);

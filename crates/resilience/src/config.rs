@@ -330,7 +330,12 @@ impl PolicyConfig {
                 r.base_delay_ms,
                 max,
             )?;
-            range(&format!("{at}.budget_percent"), r.budget_percent, 0.0, 1000.0)?;
+            range(
+                &format!("{at}.budget_percent"),
+                r.budget_percent,
+                0.0,
+                1000.0,
+            )?;
             range(
                 &format!("{at}.budget_window_ms"),
                 r.budget_window_ms,
@@ -357,12 +362,7 @@ impl PolicyConfig {
                     b.window_size,
                 )?;
             } else {
-                range(
-                    &format!("{at}.minimum_calls"),
-                    b.minimum_calls,
-                    1,
-                    u32::MAX,
-                )?;
+                range(&format!("{at}.minimum_calls"), b.minimum_calls, 1, u32::MAX)?;
             }
             range(
                 &format!("{at}.failure_rate_percent"),
@@ -401,7 +401,12 @@ impl PolicyConfig {
                 0,
                 limits::MAX_BULKHEAD,
             )?;
-            range(&format!("{at}.max_queue_wait_ms"), b.max_queue_wait_ms, 0, max)?;
+            range(
+                &format!("{at}.max_queue_wait_ms"),
+                b.max_queue_wait_ms,
+                0,
+                max,
+            )?;
         }
         if let Some(r) = &self.rate_limit {
             let at = format!("{at}.rate_limit");
@@ -420,8 +425,7 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<ResilienceConfig, Error> {
-        let c: ResilienceConfig =
-            toml::from_str(s).map_err(|e| Error::config(e.to_string()))?;
+        let c: ResilienceConfig = toml::from_str(s).map_err(|e| Error::config(e.to_string()))?;
         c.validate("resilience")?;
         Ok(c)
     }
@@ -453,18 +457,38 @@ mod tests {
     #[test]
     fn bad_policies_are_named() {
         for (toml, key) in [
-            ("[policies.p]\nretry = { max_attempts = 0 }", "resilience.policies.p.retry.max_attempts"),
-            ("[policies.p]\ncircuit_breaker = { failure_rate_percent = 0 }", "resilience.policies.p.circuit_breaker.failure_rate_percent"),
-            ("[policies.p]\ncircuit_breaker = { window_size = 10, minimum_calls = 11 }", "resilience.policies.p.circuit_breaker.minimum_calls"),
-            ("[policies.p]\nbulkhead = { max_concurrent = 0 }", "resilience.policies.p.bulkhead.max_concurrent"),
-            ("[dependencies.payment]\npolicy = \"nope\"", "resilience.dependencies.payment.policy"),
+            (
+                "[policies.p]\nretry = { max_attempts = 0 }",
+                "resilience.policies.p.retry.max_attempts",
+            ),
+            (
+                "[policies.p]\ncircuit_breaker = { failure_rate_percent = 0 }",
+                "resilience.policies.p.circuit_breaker.failure_rate_percent",
+            ),
+            (
+                "[policies.p]\ncircuit_breaker = { window_size = 10, minimum_calls = 11 }",
+                "resilience.policies.p.circuit_breaker.minimum_calls",
+            ),
+            (
+                "[policies.p]\nbulkhead = { max_concurrent = 0 }",
+                "resilience.policies.p.bulkhead.max_concurrent",
+            ),
+            (
+                "[dependencies.payment]\npolicy = \"nope\"",
+                "resilience.dependencies.payment.policy",
+            ),
             ("default_policy = \"nope\"", "resilience.default_policy"),
-            ("[dependencies.payment]\nroutes = [{ prefix = \"x\", policy = \"none\" }]", "resilience.dependencies.payment.routes[0].prefix"),
+            (
+                "[dependencies.payment]\nroutes = [{ prefix = \"x\", policy = \"none\" }]",
+                "resilience.dependencies.payment.routes[0].prefix",
+            ),
         ] {
             let e = parse(toml).unwrap_err().to_string();
             assert!(e.starts_with(key), "{toml}: {e}");
         }
-        let e = parse("[policies.p]\nretry = { attempts = 3 }").unwrap_err().to_string();
+        let e = parse("[policies.p]\nretry = { attempts = 3 }")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `attempts`"), "{e}");
     }
 }

@@ -244,7 +244,10 @@ where
 pub fn falls_back(e: &Error) -> bool {
     matches!(
         e.kind(),
-        ErrorKind::CircuitOpen | ErrorKind::Unavailable | ErrorKind::Timeout | ErrorKind::Overloaded
+        ErrorKind::CircuitOpen
+            | ErrorKind::Unavailable
+            | ErrorKind::Timeout
+            | ErrorKind::Overloaded
     )
 }
 

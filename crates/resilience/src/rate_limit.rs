@@ -3,8 +3,8 @@
 
 use crate::config::RateLimitConfig;
 use governor::clock::Clock;
-use governor::nanos::Nanos;
 use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::Quota;
 use shoal_core::{Error, ErrorKind, Origin};
@@ -36,10 +36,7 @@ impl RateLimiter {
     /// A limiter with a full bucket.
     pub fn new(cfg: &RateLimitConfig, dependency: &str) -> Self {
         let per_second = NonZeroU32::new(cfg.per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = cfg
-            .burst
-            .and_then(NonZeroU32::new)
-            .unwrap_or(per_second);
+        let burst = cfg.burst.and_then(NonZeroU32::new).unwrap_or(per_second);
         let clock = TokioClock(Instant::now());
         Self {
             limiter: governor::RateLimiter::direct_with_clock(

@@ -132,7 +132,14 @@ mod tests {
             ..RetryConfig::default()
         };
         // The cap of each retry's range: 100, 200, 400, 800, then 1000 forever.
-        for (retry, cap) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (40, 1000)] {
+        for (retry, cap) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (40, 1000),
+        ] {
             assert_eq!(backoff(&cfg, retry, 1.0), Duration::from_millis(cap));
             assert_eq!(backoff(&cfg, retry, 0.0), Duration::ZERO);
             assert_eq!(backoff(&cfg, retry, 0.5), Duration::from_millis(cap / 2));

@@ -59,7 +59,9 @@ pub struct Scope {
 pub type Stack<S> = Retry<
     RetryPolicy,
     crate::layers::CircuitBreakerService<
-        crate::layers::RateLimitService<crate::layers::BulkheadService<crate::layers::TimeoutService<S>>>,
+        crate::layers::RateLimitService<
+            crate::layers::BulkheadService<crate::layers::TimeoutService<S>>,
+        >,
     >,
 >;
 
@@ -158,7 +160,7 @@ impl Resilience {
                     .collect()
             })
             .unwrap_or_default();
-        routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         let scopes = Arc::new(DependencyScopes {
             base: Arc::new(self.make_scope(dependency, None, &policy)),
             routes,
@@ -171,7 +173,10 @@ impl Resilience {
         // Names were checked by `validate`; an unknown one can only come from a
         // gateway route checked by the gateway. Fall back to no policy, loudly.
         let policy = self.inner.cfg.policy(policy_name).unwrap_or_else(|| {
-            tracing::error!(policy = policy_name, "unknown resilience policy; using none");
+            tracing::error!(
+                policy = policy_name,
+                "unknown resilience policy; using none"
+            );
             PolicyConfig::default()
         });
         let m = self.inner.metrics.as_ref();
@@ -350,12 +355,10 @@ mod tests {
             calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 tokio::time::sleep(delay).await;
-                Ok::<_, Error>(
-                    Response::builder()
-                        .status(status)
-                        .body(())
-                        .map_err(|e| Error::internal("response").with_source(e))?,
-                )
+                Response::builder()
+                    .status(status)
+                    .body(())
+                    .map_err(|e| Error::internal("response").with_source(e))
             }
         })
     }
@@ -403,7 +406,11 @@ mod tests {
         assert_eq!(res.status(), 503);
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         // Three backoffs, each within its full-jitter range: < 100 + 200 + 400 ms.
-        assert!(start.elapsed() < Duration::from_millis(700), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_millis(700),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -425,7 +432,11 @@ mod tests {
         call(&r, keyed, upstream(503, Duration::ZERO, calls.clone()))
             .await
             .unwrap();
-        assert_eq!(calls.load(Ordering::SeqCst), 5, "POST with a key: 4 attempts");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "POST with a key: 4 attempts"
+        );
         call(&r, get(), upstream(404, Duration::ZERO, calls.clone()))
             .await
             .unwrap();
@@ -447,15 +458,22 @@ mod tests {
         });
         let calls = Arc::new(AtomicU32::new(0));
         let start = Instant::now();
-        let e = call(&r, get(), upstream(200, Duration::from_secs(60), calls.clone()))
-            .await
-            .unwrap_err();
+        let e = call(
+            &r,
+            get(),
+            upstream(200, Duration::from_secs(60), calls.clone()),
+        )
+        .await
+        .unwrap_err();
         // 300 + 300 + 300 ms of attempts, then the 1 s deadline cuts the fourth.
         assert_eq!(e.kind(), ErrorKind::Timeout);
         assert!(!e.is_retryable(), "a passed deadline is final");
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         let took = start.elapsed();
-        assert!(took >= Duration::from_millis(1_000) && took < Duration::from_millis(1_010), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(1_000) && took < Duration::from_millis(1_010),
+            "{took:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -469,7 +487,12 @@ mod tests {
         req.extensions_mut()
             .insert(Deadline::after(Duration::from_millis(50)));
         let start = Instant::now();
-        let res = call(&r, req, upstream(503, Duration::from_millis(40), calls.clone())).await;
+        let res = call(
+            &r,
+            req,
+            upstream(503, Duration::from_millis(40), calls.clone()),
+        )
+        .await;
         // The first attempt answers 503 at 40 ms; a retry could not finish by 50 ms
         // once its backoff is counted, or is cut at 50 ms.
         assert!(start.elapsed() <= Duration::from_millis(50));
@@ -502,13 +525,19 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::CircuitOpen);
         assert_eq!(calls.load(Ordering::SeqCst), 5);
-        assert_eq!(r.breakers()[0].state, shoal_core::resilience::BreakerState::Open);
+        assert_eq!(
+            r.breakers()[0].state,
+            shoal_core::resilience::BreakerState::Open
+        );
         // After the open duration a healthy answer closes it.
         tokio::time::advance(Duration::from_millis(1_000)).await;
         call(&r, get(), upstream(200, Duration::ZERO, calls.clone()))
             .await
             .unwrap();
-        assert_eq!(r.breakers()[0].state, shoal_core::resilience::BreakerState::Closed);
+        assert_eq!(
+            r.breakers()[0].state,
+            shoal_core::resilience::BreakerState::Closed
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -557,6 +586,9 @@ mod tests {
         assert_eq!(r.scope("dep", "/api/slower").route(), None);
         assert_eq!(r.scope("dep", "/api/slower").policy_name(), "default");
         assert!(r.scope("dep", "/api/slow").breaker().is_none());
-        assert!(r.scope("other", "/").breaker().is_some(), "the default policy");
+        assert!(
+            r.scope("other", "/").breaker().is_some(),
+            "the default policy"
+        );
     }
 }

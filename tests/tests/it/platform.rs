@@ -11,8 +11,8 @@ use shoal_core::registry::Registration;
 use shoal_discovery::{
     Balancer, Caller, CallerConfig, Discovery, RegistryClient, ServiceClient, Strategy,
 };
-use shoal_tests::{answers_ok, control_plane, control_plane_at, fast_registry, gateway, temp_dir};
 use shoal_resilience::{Resilience, ResilienceConfig};
+use shoal_tests::{answers_ok, control_plane, control_plane_at, fast_registry, gateway, temp_dir};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

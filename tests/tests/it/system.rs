@@ -3,29 +3,11 @@
 
 use shoal::testing::get as http_get;
 use shoal_supervisor::{ProcessState, UpState};
-use shoal_tests::{bin_dir, eventually, temp_dir};
+use shoal_tests::{bin_dir, build_binaries, eventually, temp_dir};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-/// Build the binaries this test runs (a no-op when the test command built them).
-fn build_binaries() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "-p",
-            "shoal-cli",
-            "-p",
-            "shop-catalog",
-            "-p",
-            "shop-inventory",
-        ])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building the binaries failed");
-}
 
 fn alive(pid: u32) -> bool {
     // Signal 0 checks existence; a zombie is not alive for our purposes.

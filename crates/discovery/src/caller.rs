@@ -8,9 +8,9 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use shoal_core::deadline::Deadline;
-use shoal_core::headers::{IDEMPOTENCY_KEY, TRACEPARENT, X_REQUEST_ID};
+use shoal_core::headers::{TRACEPARENT, X_REQUEST_ID};
 use shoal_core::{Error, ErrorKind, Origin};
-use shoal_resilience::{Resilience, Scope};
+use shoal_resilience::{safe_to_repeat, Resilience, Scope, Shared};
 use shoal_telemetry::{Metrics, RequestContext};
 use std::future::Future;
 use std::pin::Pin;
@@ -155,7 +155,7 @@ impl Caller {
         req: Request<Full<Bytes>>,
     ) -> Result<Response<GuardedBody>, Error> {
         let scope = self.inner.resilience.scope(service, req.uri().path());
-        self.send_in(&scope, req).await
+        self.send_in(scope, req).await
     }
 
     /// Send `req` to `scope`'s dependency under `scope`'s policy (the gateway
@@ -191,13 +191,13 @@ impl Caller {
         }
         let attempt = Attempt {
             caller: self.inner.clone(),
-            service: Arc::from(scope.dependency()),
+            service: scope.dependency_arc(),
         };
-        scope.stack(attempt).oneshot(req).await
+        scope.stack(attempt).oneshot(Arc::new(req)).await
     }
 }
 
-impl Service<Request<Full<Bytes>>> for Attempt {
+impl Service<Shared<Full<Bytes>>> for Attempt {
     type Response = Response<GuardedBody>;
     type Error = Error;
     type Future = Pin<Box<dyn Future<Output = Result<Response<GuardedBody>, Error>> + Send>>;
@@ -206,10 +206,10 @@ impl Service<Request<Full<Bytes>>> for Attempt {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+    fn call(&mut self, req: Shared<Full<Bytes>>) -> Self::Future {
         let caller = self.caller.clone();
         let service = self.service.clone();
-        Box::pin(async move { caller.attempt(&service, req).await })
+        Box::pin(async move { caller.attempt(&service, &req).await })
     }
 }
 
@@ -219,19 +219,19 @@ impl CallerInner {
     async fn attempt(
         &self,
         service: &str,
-        req: Request<Full<Bytes>>,
+        req: &Request<Full<Bytes>>,
     ) -> Result<Response<GuardedBody>, Error> {
         let start = Instant::now();
-        let (mut parts, body) = req.into_parts();
-        if let Some(d) = parts.extensions.get::<Deadline>() {
-            d.to_headers(&mut parts.headers);
+        let mut headers = req.headers().clone();
+        if let Some(d) = req.extensions().get::<Deadline>() {
+            d.to_headers(&mut headers);
         }
-        let path_and_query = parts
-            .uri
+        let path_and_query = req
+            .uri()
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".to_string());
-        let method = parts.method.clone();
+        let method = req.method().clone();
         let mut tried: Vec<String> = Vec::new();
         let mut last_err: Option<Error> = None;
         for _ in 0..self.cfg.max_connect_attempts.max(1) {
@@ -249,8 +249,11 @@ impl CallerInner {
                     )
                     .with_source(e)
                 })?;
-            let mut attempt = Request::from_parts(parts.clone(), body.clone());
+            let mut attempt = Request::new(req.body().clone());
+            *attempt.method_mut() = method.clone();
             *attempt.uri_mut() = uri;
+            *attempt.version_mut() = req.version();
+            *attempt.headers_mut() = headers.clone();
             match self.http.request(attempt).await {
                 Ok(res) => {
                     self.observe(service, method.as_str(), res.status().as_u16(), start);
@@ -280,9 +283,7 @@ impl CallerInner {
                         format!("call to {service} failed"),
                     )
                     .with_source(e)
-                    .with_retryable(
-                        method.is_idempotent() || parts.headers.contains_key(IDEMPOTENCY_KEY),
-                    ));
+                    .with_retryable(safe_to_repeat(req)));
                 }
             }
         }

@@ -45,7 +45,7 @@ struct RouteState {
     gw: Gateway,
     route: RouteConfig,
     /// The route's own policy scope, when it names a policy.
-    scope: Option<Arc<Scope>>,
+    scope: Option<&'static Scope>,
 }
 
 impl Gateway {

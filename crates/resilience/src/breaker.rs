@@ -11,7 +11,9 @@ use crate::config::{BreakerConfig, WindowKind};
 use crate::metrics::BreakerHandles;
 use shoal_core::resilience::{BreakerInfo, BreakerState};
 use shoal_core::{Error, ErrorKind, Origin};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -41,7 +43,14 @@ pub struct BreakerName {
 }
 
 /// A circuit breaker; share it with `Arc`.
+///
+/// The closed state, where nearly every call is, takes no lock: letting a call in
+/// reads one atomic, and a count window records its outcome with a few atomic
+/// operations. Transitions, probes and time windows take the lock.
 pub struct CircuitBreaker {
+    /// `generation << 2 | state` of `inner`, mirrored at every transition.
+    fast: AtomicU64,
+    window: Window,
     cfg: BreakerConfig,
     slow_after: Option<Duration>,
     open_for: Duration,
@@ -57,7 +66,6 @@ struct Inner {
     /// not counted (a call started while closed says nothing about a half-open probe).
     generation: u64,
     open_until: Instant,
-    window: Window,
     probes_issued: u32,
     probes: Tally,
     /// The outcomes that last opened it, shown while it is open.
@@ -91,105 +99,184 @@ impl Tally {
 }
 
 enum Window {
-    /// The last `size` outcomes: bit 0 failed, bit 1 slow.
-    Count {
-        ring: Vec<u8>,
-        next: usize,
-        total: Tally,
-    },
-    /// One bucket per second; a bucket whose second has passed out of the window is
-    /// reset before reuse.
-    Time {
-        start: Instant,
-        buckets: Vec<(u64, Tally)>,
-    },
+    Count(CountRing),
+    Time(Mutex<TimeBuckets>),
 }
 
-impl Window {
-    fn new(cfg: &BreakerConfig, now: Instant) -> Self {
-        let size = cfg.window_size.max(1) as usize;
-        match cfg.window {
-            WindowKind::Count => Window::Count {
-                ring: Vec::with_capacity(size),
-                next: 0,
-                total: Tally::default(),
-            },
-            WindowKind::Time => Window::Time {
-                start: now,
-                buckets: vec![(u64::MAX, Tally::default()); size],
-            },
+/// The last `len` outcomes, lock-free: each slot holds bit 0 failed, bit 1 slow,
+/// bit 2 taken. The totals are kept beside the ring; two calls racing may make them
+/// briefly off by one, never drift (each outcome is added once and removed once).
+struct CountRing {
+    slots: Box<[AtomicU8]>,
+    next: AtomicU64,
+    failures: AtomicI64,
+    slow: AtomicI64,
+}
+
+impl CountRing {
+    fn new(len: usize) -> Self {
+        Self {
+            slots: (0..len.max(1)).map(|_| AtomicU8::new(0)).collect(),
+            next: AtomicU64::new(0),
+            failures: AtomicI64::new(0),
+            slow: AtomicI64::new(0),
+        }
+    }
+
+    fn record(&self, failed: bool, slow: bool) {
+        // Add the new outcome before removing the one it replaces, so the totals
+        // never go below what the ring holds.
+        if failed {
+            self.failures.fetch_add(1, Relaxed);
+        }
+        if slow {
+            self.slow.fetch_add(1, Relaxed);
+        }
+        let i = self.next.fetch_add(1, Relaxed) % self.slots.len() as u64;
+        let bits = 4 | failed as u8 | (slow as u8) << 1;
+        let old = self.slots[i as usize].swap(bits, Relaxed);
+        if old & 1 != 0 {
+            self.failures.fetch_sub(1, Relaxed);
+        }
+        if old & 2 != 0 {
+            self.slow.fetch_sub(1, Relaxed);
+        }
+    }
+
+    fn totals(&self) -> Tally {
+        let calls = self.next.load(Relaxed).min(self.slots.len() as u64) as u32;
+        let clamp = |v: i64| v.clamp(0, calls as i64) as u32;
+        Tally {
+            calls,
+            failures: clamp(self.failures.load(Relaxed)),
+            slow: clamp(self.slow.load(Relaxed)),
+        }
+    }
+
+    fn reset(&self) {
+        for s in self.slots.iter() {
+            s.store(0, Relaxed);
+        }
+        self.next.store(0, Relaxed);
+        self.failures.store(0, Relaxed);
+        self.slow.store(0, Relaxed);
+    }
+}
+
+/// One bucket per second; a bucket whose second has passed out of the window is
+/// reset before reuse.
+struct TimeBuckets {
+    start: Instant,
+    buckets: Vec<(u64, Tally)>,
+}
+
+impl TimeBuckets {
+    fn new(len: usize, now: Instant) -> Self {
+        Self {
+            start: now,
+            buckets: vec![(u64::MAX, Tally::default()); len.max(1)],
         }
     }
 
     fn record(&mut self, failed: bool, slow: bool, now: Instant) {
-        match self {
-            Window::Count { ring, next, total } => {
-                let bits = failed as u8 | (slow as u8) << 1;
-                if ring.len() < ring.capacity() {
-                    ring.push(bits);
-                } else {
-                    let old = ring[*next];
-                    total.calls -= 1;
-                    total.failures -= (old & 1) as u32;
-                    total.slow -= (old >> 1) as u32;
-                    ring[*next] = bits;
-                    *next = (*next + 1) % ring.len();
-                }
-                total.add(failed, slow);
+        let sec = now.saturating_duration_since(self.start).as_secs();
+        let len = self.buckets.len() as u64;
+        let b = &mut self.buckets[(sec % len) as usize];
+        if b.0 != sec {
+            *b = (sec, Tally::default());
+        }
+        b.1.add(failed, slow);
+    }
+
+    fn totals(&self, now: Instant) -> Tally {
+        let sec = now.saturating_duration_since(self.start).as_secs();
+        let len = self.buckets.len() as u64;
+        let mut t = Tally::default();
+        for (s, b) in &self.buckets {
+            if *s != u64::MAX && *s <= sec && sec - *s < len {
+                t.calls += b.calls;
+                t.failures += b.failures;
+                t.slow += b.slow;
             }
-            Window::Time { start, buckets } => {
-                let sec = now.saturating_duration_since(*start).as_secs();
-                let len = buckets.len() as u64;
-                let b = &mut buckets[(sec % len) as usize];
-                if b.0 != sec {
-                    *b = (sec, Tally::default());
-                }
-                b.1.add(failed, slow);
+        }
+        t
+    }
+}
+
+impl Window {
+    fn new(cfg: &BreakerConfig, now: Instant) -> Self {
+        let len = cfg.window_size.max(1) as usize;
+        match cfg.window {
+            WindowKind::Count => Window::Count(CountRing::new(len)),
+            WindowKind::Time => Window::Time(Mutex::new(TimeBuckets::new(len, now))),
+        }
+    }
+
+    /// Record an outcome and give the window's totals.
+    fn record(&self, failed: bool, slow: bool) -> Tally {
+        match self {
+            Window::Count(ring) => {
+                ring.record(failed, slow);
+                ring.totals()
+            }
+            Window::Time(m) => {
+                let now = Instant::now();
+                let mut w = m.lock().unwrap_or_else(|p| p.into_inner());
+                w.record(failed, slow, now);
+                w.totals(now)
             }
         }
     }
 
     fn totals(&self, now: Instant) -> Tally {
         match self {
-            Window::Count { total, .. } => *total,
-            Window::Time { start, buckets } => {
-                let sec = now.saturating_duration_since(*start).as_secs();
-                let len = buckets.len() as u64;
-                let mut t = Tally::default();
-                for (s, b) in buckets {
-                    if *s != u64::MAX && *s <= sec && sec - *s < len {
-                        t.calls += b.calls;
-                        t.failures += b.failures;
-                        t.slow += b.slow;
-                    }
-                }
-                t
+            Window::Count(ring) => ring.totals(),
+            Window::Time(m) => m.lock().unwrap_or_else(|p| p.into_inner()).totals(now),
+        }
+    }
+
+    fn reset(&self, now: Instant) {
+        match self {
+            Window::Count(ring) => ring.reset(),
+            Window::Time(m) => {
+                let mut w = m.lock().unwrap_or_else(|p| p.into_inner());
+                *w = TimeBuckets::new(w.buckets.len(), now);
             }
         }
     }
 }
 
+fn encode(state: BreakerState, generation: u64) -> u64 {
+    let s = match state {
+        BreakerState::Closed => 0,
+        BreakerState::Open => 1,
+        BreakerState::HalfOpen => 2,
+    };
+    generation << 2 | s
+}
+
 /// Leave to make one call; report how it went with [`Permit::record`]. A permit
 /// dropped without a record counts as [`Outcome::Ignored`] (the call was cancelled).
-pub struct Permit {
-    breaker: Arc<CircuitBreaker>,
+pub struct Permit<'a> {
+    breaker: &'a CircuitBreaker,
     generation: u64,
     probe: bool,
-    start: Instant,
+    /// Only taken when slow calls are detected: a clock read costs.
+    start: Option<Instant>,
     recorded: bool,
 }
 
-impl Permit {
+impl Permit<'_> {
     /// Report the call's outcome; its duration is measured from the permit.
     pub fn record(mut self, outcome: Outcome) {
         self.recorded = true;
-        let elapsed = self.start.elapsed();
+        let elapsed = self.start.map(|s| s.elapsed()).unwrap_or_default();
         self.breaker
             .on_result(self.generation, self.probe, outcome, elapsed);
     }
 }
 
-impl Drop for Permit {
+impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if !self.recorded {
             self.breaker.on_result(
@@ -206,11 +293,12 @@ impl CircuitBreaker {
     /// A closed breaker.
     pub fn new(cfg: BreakerConfig, name: BreakerName, metrics: Option<BreakerHandles>) -> Self {
         let now = Instant::now();
-        let window = Window::new(&cfg, now);
         if let Some(m) = &metrics {
             m.set_state(BreakerState::Closed);
         }
         Self {
+            fast: AtomicU64::new(encode(BreakerState::Closed, 0)),
+            window: Window::new(&cfg, now),
             slow_after: cfg.slow_call_ms.map(Duration::from_millis),
             open_for: Duration::from_millis(cfg.open_ms),
             cfg,
@@ -220,7 +308,6 @@ impl CircuitBreaker {
                 since: now,
                 generation: 0,
                 open_until: now,
-                window,
                 probes_issued: 0,
                 probes: Tally::default(),
                 tripped_by: Tally::default(),
@@ -251,9 +338,22 @@ impl CircuitBreaker {
     }
 
     /// Leave to call, or a `CircuitOpen` error at once.
-    pub fn try_acquire(self: &Arc<Self>) -> Result<Permit, Error> {
-        let now = Instant::now();
+    pub fn try_acquire(&self) -> Result<Permit<'_>, Error> {
+        let start = self.slow_after.map(|_| Instant::now());
+        let fast = self.fast.load(Acquire);
+        if fast & 3 == 0 {
+            // Closed, the common case: no lock, no clock. Should the breaker open
+            // meanwhile, this call's generation is stale and its outcome not counted.
+            return Ok(Permit {
+                breaker: self,
+                generation: fast >> 2,
+                probe: false,
+                start,
+                recorded: false,
+            });
+        }
         let mut g = self.lock();
+        let now = Instant::now();
         if g.state == BreakerState::Open && now >= g.open_until {
             self.transition(&mut g, BreakerState::HalfOpen, now, Tally::default());
         }
@@ -287,50 +387,53 @@ impl CircuitBreaker {
             }
         };
         Ok(Permit {
-            breaker: self.clone(),
+            breaker: self,
             generation: g.generation,
             probe,
-            start: now,
+            start,
             recorded: false,
         })
     }
 
     fn on_result(&self, generation: u64, probe: bool, outcome: Outcome, elapsed: Duration) {
-        let now = Instant::now();
-        let mut g = self.lock();
-        if generation != g.generation {
-            return;
-        }
-        if outcome == Outcome::Ignored {
-            if probe {
-                // Hand the probe slot back so another call can test the dependency.
-                g.probes_issued = g.probes_issued.saturating_sub(1);
-            }
+        let fast = self.fast.load(Acquire);
+        if fast >> 2 != generation {
             return;
         }
         let failed = outcome == Outcome::Failure;
         let slow = self.slow_after.is_some_and(|s| elapsed >= s);
-        match g.state {
-            BreakerState::Closed => {
-                g.window.record(failed, slow, now);
-                let t = g.window.totals(now);
-                if t.calls >= self.cfg.minimum_calls && self.tripped(&t) {
-                    self.transition(&mut g, BreakerState::Open, now, t);
+        if !probe {
+            // Let in while closed: counts in the window, no lock unless it trips.
+            if outcome == Outcome::Ignored || fast & 3 != 0 {
+                return;
+            }
+            let t = self.window.record(failed, slow);
+            if t.calls >= self.cfg.minimum_calls && self.tripped(&t) {
+                let mut g = self.lock();
+                if g.generation == generation && g.state == BreakerState::Closed {
+                    self.transition(&mut g, BreakerState::Open, Instant::now(), t);
                 }
             }
-            BreakerState::HalfOpen if probe => {
-                g.probes.add(failed, slow);
-                if g.probes.calls >= self.cfg.half_open_calls {
-                    let t = g.probes;
-                    let to = if self.tripped(&t) {
-                        BreakerState::Open
-                    } else {
-                        BreakerState::Closed
-                    };
-                    self.transition(&mut g, to, now, t);
-                }
-            }
-            _ => {}
+            return;
+        }
+        let mut g = self.lock();
+        if g.generation != generation || g.state != BreakerState::HalfOpen {
+            return;
+        }
+        if outcome == Outcome::Ignored {
+            // Hand the probe slot back so another call can test the dependency.
+            g.probes_issued = g.probes_issued.saturating_sub(1);
+            return;
+        }
+        g.probes.add(failed, slow);
+        if g.probes.calls >= self.cfg.half_open_calls {
+            let t = g.probes;
+            let to = if self.tripped(&t) {
+                BreakerState::Open
+            } else {
+                BreakerState::Closed
+            };
+            self.transition(&mut g, to, Instant::now(), t);
         }
     }
 
@@ -353,9 +456,11 @@ impl CircuitBreaker {
                 g.open_until = now + self.open_for;
                 g.tripped_by = outcomes;
             }
-            BreakerState::Closed => g.window = Window::new(&self.cfg, now),
+            BreakerState::Closed => self.window.reset(now),
             BreakerState::HalfOpen => {}
         }
+        // Published last: a call let in under the new generation sees a fresh window.
+        self.fast.store(encode(to, g.generation), Release);
         if let Some(m) = &self.metrics {
             m.set_state(to);
             m.transition(from, to);
@@ -380,7 +485,7 @@ impl CircuitBreaker {
         let now = Instant::now();
         let g = self.lock();
         let t = match g.state {
-            BreakerState::Closed => g.window.totals(now),
+            BreakerState::Closed => self.window.totals(now),
             BreakerState::Open => g.tripped_by,
             BreakerState::HalfOpen => g.probes,
         };
@@ -408,8 +513,8 @@ impl CircuitBreaker {
 mod tests {
     use super::*;
 
-    fn breaker(cfg: BreakerConfig) -> Arc<CircuitBreaker> {
-        Arc::new(CircuitBreaker::new(
+    fn breaker(cfg: BreakerConfig) -> CircuitBreaker {
+        CircuitBreaker::new(
             cfg,
             BreakerName {
                 owner: "test".into(),
@@ -418,7 +523,7 @@ mod tests {
                 policy: "p".into(),
             },
             None,
-        ))
+        )
     }
 
     fn count_cfg() -> BreakerConfig {
@@ -434,7 +539,7 @@ mod tests {
         }
     }
 
-    fn call(b: &Arc<CircuitBreaker>, o: Outcome) -> Result<(), ErrorKind> {
+    fn call(b: &CircuitBreaker, o: Outcome) -> Result<(), ErrorKind> {
         b.try_acquire().map(|p| p.record(o)).map_err(|e| e.kind())
     }
 
@@ -573,6 +678,35 @@ mod tests {
         let s = b.snapshot();
         assert_eq!(s.state, BreakerState::Open);
         assert_eq!(s.slow_call_rate, 100.0);
+    }
+
+    #[test]
+    fn the_count_ring_keeps_exact_totals_from_many_threads() {
+        let ring = std::sync::Arc::new(CountRing::new(64));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let ring = ring.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10_000 {
+                        ring.record((i + t) % 3 == 0, i % 5 == 0);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Once quiet, the totals are exactly what the ring holds.
+        let t = ring.totals();
+        let held = |bit: u8| {
+            ring.slots
+                .iter()
+                .filter(|s| s.load(Relaxed) & bit != 0)
+                .count() as u32
+        };
+        assert_eq!(t.calls, 64);
+        assert_eq!(t.failures, held(1));
+        assert_eq!(t.slow, held(2));
     }
 
     #[tokio::test(start_paused = true)]

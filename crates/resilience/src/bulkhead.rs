@@ -5,16 +5,20 @@
 
 use crate::config::BulkheadConfig;
 use shoal_core::{Error, ErrorKind, Origin};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// A bulkhead; share it with `Arc`.
+///
+/// Taking and giving back a slot is one atomic operation each (no lock), so a
+/// bulkhead that is not full costs next to nothing; only waiters use the `Notify`.
+/// Waiters are woken in no particular order.
 pub struct Bulkhead {
-    slots: Arc<Semaphore>,
+    in_use: AtomicUsize,
     waiting: AtomicUsize,
+    freed: Notify,
     max_concurrent: usize,
     max_queue: usize,
     max_wait: Duration,
@@ -22,13 +26,22 @@ pub struct Bulkhead {
 }
 
 /// A slot in the pool; the call holds it until it ends.
-pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct Slot<'a>(&'a Bulkhead);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, SeqCst);
+        if self.0.waiting.load(SeqCst) > 0 {
+            self.0.freed.notify_one();
+        }
+    }
+}
 
 struct Waiting<'a>(&'a AtomicUsize);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, SeqCst);
     }
 }
 
@@ -36,8 +49,9 @@ impl Bulkhead {
     /// A bulkhead for calls to `dependency`.
     pub fn new(cfg: &BulkheadConfig, dependency: &str) -> Self {
         Self {
-            slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
+            in_use: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            freed: Notify::new(),
             max_concurrent: cfg.max_concurrent,
             max_queue: cfg.max_queue,
             max_wait: Duration::from_millis(cfg.max_queue_wait_ms),
@@ -47,22 +61,36 @@ impl Bulkhead {
 
     /// Calls in flight now.
     pub fn in_use(&self) -> usize {
-        self.max_concurrent - self.slots.available_permits()
+        self.in_use.load(SeqCst)
     }
 
     /// Calls waiting now.
     pub fn queued(&self) -> usize {
-        self.waiting.load(Ordering::Acquire)
+        self.waiting.load(SeqCst)
+    }
+
+    fn try_take(&self) -> bool {
+        let mut cur = self.in_use.load(SeqCst);
+        while cur < self.max_concurrent {
+            match self
+                .in_use
+                .compare_exchange_weak(cur, cur + 1, SeqCst, SeqCst)
+            {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+        false
     }
 
     /// A slot now; or a place in the queue and a slot within the queue wait (and
     /// before `deadline`); or an `Overloaded` error.
-    pub async fn acquire(&self, deadline: Option<Instant>) -> Result<Slot, Error> {
-        if let Ok(p) = self.slots.clone().try_acquire_owned() {
-            return Ok(Slot(p));
+    pub async fn acquire(&self, deadline: Option<Instant>) -> Result<Slot<'_>, Error> {
+        if self.try_take() {
+            return Ok(Slot(self));
         }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        if self.waiting.fetch_add(1, SeqCst) >= self.max_queue {
+            self.waiting.fetch_sub(1, SeqCst);
             return Err(self.full(format!(
                 "bulkhead for {} is full ({} in flight, {} queued)",
                 self.dependency, self.max_concurrent, self.max_queue
@@ -73,10 +101,22 @@ impl Bulkhead {
         if let Some(d) = deadline {
             until = until.min(d);
         }
-        match tokio::time::timeout_at(until, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(p)) => Ok(Slot(p)),
-            // The semaphore is never closed; treat it as full if it ever were.
-            Ok(Err(_)) | Err(_) => Err(self.full(format!(
+        let wait = async {
+            loop {
+                // Register for a wake-up before looking, so a slot freed in between
+                // is not missed.
+                let notified = self.freed.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                if self.try_take() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        match tokio::time::timeout_at(until, wait).await {
+            Ok(()) => Ok(Slot(self)),
+            Err(_) => Err(self.full(format!(
                 "no slot in the bulkhead for {} within {} ms",
                 self.dependency,
                 self.max_wait.as_millis()
@@ -92,6 +132,7 @@ impl Bulkhead {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn bulkhead(c: usize, q: usize, wait_ms: u64) -> Arc<Bulkhead> {
         Arc::new(Bulkhead::new(

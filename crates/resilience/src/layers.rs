@@ -3,10 +3,8 @@
 //! Resilience4j uses: retry( breaker( rate limit( bulkhead( timeout( call ))))), so
 //! every attempt passes the breaker and holds a bulkhead slot only while it runs.
 
-use crate::breaker::{CircuitBreaker, Outcome};
-use crate::bulkhead::Bulkhead;
-use crate::metrics::ScopeHandles;
-use crate::rate_limit::RateLimiter;
+use crate::breaker::Outcome;
+use crate::Scope;
 use http::{Request, Response};
 use shoal_core::deadline::Deadline;
 use shoal_core::{Error, ErrorKind, Origin};
@@ -17,8 +15,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{Layer, Service};
 
+/// A request as the policy stack carries it: shared, so that keeping a copy for a
+/// retry costs a reference count, not a copy of its headers.
+pub type Shared<B> = Arc<Request<B>>;
+
 /// The boxed future of the policy services.
-pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'a>>;
 
 /// What a call's result says about the dependency: a 5xx or an upstream error is a
 /// failure; an error of our own making (a rejection, bad input) says nothing.
@@ -31,210 +33,123 @@ pub fn classify<R>(result: &Result<Response<R>, Error>) -> Outcome {
     }
 }
 
-/// Take the ready service and leave a clone in its place (tower's pattern for
-/// services called from inside a future).
-fn take<S: Clone>(svc: &mut S) -> S {
-    let clone = svc.clone();
-    std::mem::replace(svc, clone)
+/// Applies a [`Scope`]'s per-attempt policy: the breaker lets the attempt in (or
+/// fails it fast), the rate limiter gives it a token, the bulkhead a slot, and the
+/// attempt runs within the attempt timeout and the call's deadline. Its outcome goes
+/// back to the breaker. Put tower's `Retry` with a [`crate::RetryPolicy`] around it
+/// (as [`Scope::stack`] does) so every attempt passes through all of this.
+///
+/// One layer rather than one per part, borrowing its scope for the call: a call
+/// pays for one allocation and touches no shared reference count.
+#[derive(Clone, Copy)]
+pub struct PolicyLayer<'a> {
+    scope: &'a Scope,
 }
 
-macro_rules! layer {
-    ($(#[$m:meta])* $layer:ident, $svc:ident, $field:ident: $ty:ty) => {
-        $(#[$m])*
-        #[derive(Clone)]
-        pub struct $layer {
-            $field: $ty,
-        }
-
-        impl $layer {
-            /// The layer; `None` makes it a pass-through.
-            pub fn new($field: $ty) -> Self {
-                Self { $field }
-            }
-        }
-
-        impl<S> Layer<S> for $layer {
-            type Service = $svc<S>;
-
-            fn layer(&self, inner: S) -> $svc<S> {
-                $svc {
-                    inner,
-                    $field: self.$field.clone(),
-                }
-            }
-        }
-
-        #[doc = concat!("The service of [`", stringify!($layer), "`].")]
-        #[derive(Clone)]
-        pub struct $svc<S> {
-            inner: S,
-            $field: $ty,
-        }
-    };
+impl<'a> PolicyLayer<'a> {
+    /// The layer of `scope`'s policy.
+    pub fn new(scope: &'a Scope) -> Self {
+        Self { scope }
+    }
 }
 
-layer!(
-    /// Fails calls fast while the breaker is open; reports each outcome to it.
-    CircuitBreakerLayer, CircuitBreakerService, breaker: Option<Arc<CircuitBreaker>>
-);
+impl<'a, S> Layer<S> for PolicyLayer<'a> {
+    type Service = PolicyService<'a, S>;
 
-impl<S, B, R> Service<Request<B>> for CircuitBreakerService<S>
+    fn layer(&self, inner: S) -> PolicyService<'a, S> {
+        PolicyService {
+            inner,
+            scope: self.scope,
+        }
+    }
+}
+
+/// The service of [`PolicyLayer`].
+#[derive(Clone)]
+pub struct PolicyService<'a, S> {
+    inner: S,
+    scope: &'a Scope,
+}
+
+impl<'a, S, B, R> Service<Shared<B>> for PolicyService<'a, S>
 where
-    S: Service<Request<B>, Response = Response<R>, Error = Error>,
-    S::Future: Send + 'static,
-    R: Send + 'static,
+    S: Service<Shared<B>, Response = Response<R>, Error = Error> + Clone + Send + 'a,
+    S::Future: Send + 'a,
+    B: Send + Sync + 'a,
+    R: Send + 'a,
 {
     type Response = Response<R>;
     type Error = Error;
-    type Future = BoxFuture<Response<R>>;
+    type Future = BoxFuture<'a, Response<R>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(breaker) = &self.breaker else {
-            return Box::pin(self.inner.call(req));
-        };
-        match breaker.try_acquire() {
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-            Ok(permit) => {
-                let fut = self.inner.call(req);
-                Box::pin(async move {
-                    let result = fut.await;
-                    permit.record(classify(&result));
-                    result
-                })
-            }
-        }
-    }
-}
-
-layer!(
-    /// Waits for (or refuses) a token of the dependency's client-side rate limit.
-    RateLimitLayer, RateLimitService, limiter: Option<(Arc<RateLimiter>, ScopeHandles)>
-);
-
-impl<S, B, R> Service<Request<B>> for RateLimitService<S>
-where
-    S: Service<Request<B>, Response = Response<R>, Error = Error> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-    R: Send + 'static,
-{
-    type Response = Response<R>;
-    type Error = Error;
-    type Future = BoxFuture<Response<R>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some((limiter, handles)) = self.limiter.clone() else {
-            return Box::pin(self.inner.call(req));
-        };
-        let mut inner = take(&mut self.inner);
+    fn call(&mut self, req: Shared<B>) -> Self::Future {
+        // tower's pattern for a service called from inside a future: take the one
+        // that was made ready, leave a clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let scope = self.scope;
         Box::pin(async move {
+            let permit = match &scope.breaker {
+                Some(b) => Some(b.try_acquire()?),
+                None => None,
+            };
             let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-            if let Err(e) = limiter.acquire(deadline).await {
-                handles.rate_limited.inc();
-                return Err(e);
-            }
-            inner.call(req).await
-        })
-    }
-}
-
-layer!(
-    /// Holds a bulkhead slot for the length of each attempt; rejects when full.
-    BulkheadLayer, BulkheadService, bulkhead: Option<(Arc<Bulkhead>, ScopeHandles)>
-);
-
-impl<S, B, R> Service<Request<B>> for BulkheadService<S>
-where
-    S: Service<Request<B>, Response = Response<R>, Error = Error> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-    R: Send + 'static,
-{
-    type Response = Response<R>;
-    type Error = Error;
-    type Future = BoxFuture<Response<R>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some((bulkhead, handles)) = self.bulkhead.clone() else {
-            return Box::pin(self.inner.call(req));
-        };
-        let mut inner = take(&mut self.inner);
-        Box::pin(async move {
-            let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-            let slot = match bulkhead.acquire(deadline).await {
-                Ok(s) => s,
-                Err(e) => {
-                    handles.bulkhead_rejected.inc();
+            if let Some(limiter) = &scope.limiter {
+                if let Err(e) = limiter.acquire(deadline).await {
+                    scope.handles.rate_limited.inc();
                     return Err(e);
                 }
+            }
+            let _slot = match &scope.bulkhead {
+                Some(b) => match b.acquire(deadline).await {
+                    Ok(slot) => Some(slot),
+                    Err(e) => {
+                        scope.handles.bulkhead_rejected.inc();
+                        return Err(e);
+                    }
+                },
+                None => None,
             };
-            let result = inner.call(req).await;
-            drop(slot);
+            let result = within_time(inner.call(req), scope.timeout, deadline).await;
+            if let Some(p) = permit {
+                p.record(classify(&result));
+            }
             result
         })
     }
 }
 
-layer!(
-    /// Bounds each attempt by the attempt timeout and the call's deadline, whichever
-    /// comes first.
-    TimeoutLayer, TimeoutService, timeout: Duration
-);
-
-impl<S, B, R> Service<Request<B>> for TimeoutService<S>
-where
-    S: Service<Request<B>, Response = Response<R>, Error = Error>,
-    S::Future: Send + 'static,
-    R: Send + 'static,
-{
-    type Response = Response<R>;
-    type Error = Error;
-    type Future = BoxFuture<Response<R>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let attempt_end = tokio::time::Instant::now() + self.timeout;
-        let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-        let (end, by_deadline) = match deadline {
-            Some(d) if d <= attempt_end => (d, true),
-            _ => (attempt_end, false),
-        };
-        let repeatable = crate::retry::safe_to_repeat(&req);
-        let timeout = self.timeout;
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            match tokio::time::timeout_at(end, fut).await {
-                Ok(result) => result,
-                // The caller gave up: no one is waiting for another attempt.
-                Err(_) if by_deadline => Err(Error::new(
-                    ErrorKind::Timeout,
-                    Origin::Upstream,
-                    "the call's deadline passed before an answer came",
-                )
-                .with_retryable(false)),
-                Err(_) => Err(Error::new(
-                    ErrorKind::Timeout,
-                    Origin::Upstream,
-                    format!("no answer within {} ms", timeout.as_millis()),
-                )
-                .with_retryable(repeatable)),
-            }
-        })
+/// Run one attempt within `timeout` and the call's `deadline`, whichever ends
+/// first. A passed deadline is final; an attempt timeout may be retried.
+async fn within_time<T>(
+    attempt: impl Future<Output = Result<T, Error>>,
+    timeout: Duration,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<T, Error> {
+    let attempt_end = tokio::time::Instant::now() + timeout;
+    let (end, by_deadline) = match deadline {
+        Some(d) if d <= attempt_end => (d, true),
+        _ => (attempt_end, false),
+    };
+    match tokio::time::timeout_at(end, attempt).await {
+        Ok(result) => result,
+        // The caller gave up: no one is waiting for another attempt.
+        Err(_) if by_deadline => Err(Error::new(
+            ErrorKind::Timeout,
+            Origin::Upstream,
+            "the call's deadline passed before an answer came",
+        )
+        .with_retryable(false)),
+        // Whether the request may be repeated is the retry policy's question.
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            Origin::Upstream,
+            format!("no answer within {} ms", timeout.as_millis()),
+        )),
     }
 }
 
@@ -292,7 +207,7 @@ where
 {
     type Response = Res;
     type Error = Error;
-    type Future = BoxFuture<Res>;
+    type Future = BoxFuture<'static, Res>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)

@@ -20,6 +20,7 @@
 //! The SDK's service client and the gateway call through it the same way.
 
 mod breaker;
+mod budget;
 mod bulkhead;
 pub mod config;
 mod fallback;
@@ -31,6 +32,7 @@ mod retry;
 mod scope;
 
 pub use breaker::{BreakerName, CircuitBreaker, Outcome, Permit};
+pub use budget::ShardedBudget;
 pub use bulkhead::{Bulkhead, Slot};
 pub use config::{
     BreakerConfig, BulkheadConfig, DependencyConfig, PolicyConfig, RateLimitConfig,
@@ -38,8 +40,7 @@ pub use config::{
 };
 pub use fallback::{with_fallback, LastGood};
 pub use layers::{
-    classify, falls_back, BulkheadLayer, CircuitBreakerLayer, FallbackLayer, RateLimitLayer,
-    TimeoutLayer,
+    classify, falls_back, FallbackLayer, FallbackService, PolicyLayer, PolicyService, Shared,
 };
 pub use metrics::ResilienceMetrics;
 pub use rate_limit::RateLimiter;

@@ -1,17 +1,18 @@
 //! Retry: exponential backoff with full jitter, only for failures that may pass and
-//! requests that are safe to repeat, within a retry budget (tower's `TpsBudget`) so
-//! a failing dependency never sees more than a bounded extra load, and never past
-//! the call's deadline.
+//! requests that are safe to repeat, within a retry budget (tower's model, see
+//! [`crate::ShardedBudget`]) so a failing dependency never sees more than a bounded extra
+//! load, and never past the call's deadline.
 
+use crate::budget::ShardedBudget;
 use crate::config::RetryConfig;
-use crate::metrics::ScopeHandles;
+use crate::layers::Shared;
+use crate::Scope;
 use http::{Request, Response};
 use shoal_core::deadline::Deadline;
 use shoal_core::headers::IDEMPOTENCY_KEY;
 use shoal_core::{Error, Origin};
-use std::sync::Arc;
 use std::time::Duration;
-use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::budget::Budget;
 
 /// The backoff before retry number `retry` (1 for the first retry): uniform in
 /// `[0, min(max, base * 2^(retry-1)))` ("full jitter"), so callers that failed
@@ -33,12 +34,12 @@ pub fn safe_to_repeat<B>(req: &Request<B>) -> bool {
 /// What the retries of one scope share: the config and the budget.
 pub(crate) struct RetryShared {
     pub(crate) cfg: RetryConfig,
-    pub(crate) budget: TpsBudget,
+    pub(crate) budget: ShardedBudget,
 }
 
 impl RetryShared {
     pub(crate) fn new(cfg: RetryConfig) -> Self {
-        let budget = TpsBudget::new(
+        let budget = ShardedBudget::new(
             Duration::from_millis(cfg.budget_window_ms),
             cfg.budget_min_per_sec,
             cfg.budget_percent / 100.0,
@@ -47,37 +48,32 @@ impl RetryShared {
     }
 }
 
-/// tower's retry policy for one call.
+/// tower's retry policy for one call under a [`Scope`].
 #[derive(Clone)]
-pub struct RetryPolicy {
-    shared: Option<Arc<RetryShared>>,
-    handles: ScopeHandles,
+pub struct RetryPolicy<'a> {
+    scope: &'a Scope,
     attempts: u32,
 }
 
-impl RetryPolicy {
-    /// The policy of one new call; the call is deposited in the budget.
-    pub(crate) fn begin(shared: Option<Arc<RetryShared>>, handles: ScopeHandles) -> Self {
-        if let Some(s) = &shared {
+impl<'a> RetryPolicy<'a> {
+    /// The policy of one new call; the call is deposited in the scope's budget.
+    pub fn begin(scope: &'a Scope) -> Self {
+        if let Some(s) = &scope.retry {
             s.budget.deposit();
         }
-        Self {
-            shared,
-            handles,
-            attempts: 1,
-        }
+        Self { scope, attempts: 1 }
     }
 }
 
-impl<B: Clone, R> tower::retry::Policy<Request<B>, Response<R>, Error> for RetryPolicy {
+impl<B, R> tower::retry::Policy<Shared<B>, Response<R>, Error> for RetryPolicy<'_> {
     type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
-        req: &mut Request<B>,
+        req: &mut Shared<B>,
         result: &mut Result<Response<R>, Error>,
     ) -> Option<Self::Future> {
-        let shared = self.shared.as_ref()?;
+        let shared = self.scope.retry.as_ref()?;
         let cfg = &shared.cfg;
         let worth_it = match result {
             Ok(res) => cfg.retry_on_status.contains(&res.status().as_u16()),
@@ -95,28 +91,20 @@ impl<B: Clone, R> tower::retry::Policy<Request<B>, Response<R>, Error> for Retry
             }
         }
         if !shared.budget.withdraw() {
-            self.handles.budget_exhausted.inc();
+            self.scope.handles.budget_exhausted.inc();
             return None;
         }
         self.attempts += 1;
-        self.handles.retries.inc();
+        self.scope.handles.retries.inc();
         Some(tokio::time::sleep(delay))
     }
 
-    fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
-        let shared = self.shared.as_ref()?;
+    fn clone_request(&mut self, req: &Shared<B>) -> Option<Shared<B>> {
+        let shared = self.scope.retry.as_ref()?;
         if shared.cfg.max_attempts <= 1 || !safe_to_repeat(req) {
             return None;
         }
-        let mut out = Request::new(req.body().clone());
-        *out.method_mut() = req.method().clone();
-        *out.uri_mut() = req.uri().clone();
-        *out.version_mut() = req.version();
-        *out.headers_mut() = req.headers().clone();
-        if let Some(d) = req.extensions().get::<Deadline>() {
-            out.extensions_mut().insert(*d);
-        }
-        Some(out)
+        Some(req.clone())
     }
 }
 

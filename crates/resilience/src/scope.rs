@@ -1,24 +1,32 @@
 //! The policies in force in one process: a [`Scope`] per dependency (and per route
 //! where configured) holding that scope's breaker, bulkhead, rate limiter and retry
 //! budget, made on first use and shared by every call to it.
+//!
+//! Scopes live as long as the process: one is made per dependency name and
+//! configured route (names come from code and config, never from requests), and
+//! none is ever dropped. Calls therefore borrow them (`&'static Scope`) and count
+//! no references; a thread-local cache finds them without taking a lock. Both
+//! matter when many threads call one dependency: every shared counter a call
+//! touches is a cache line the cores pass between them.
 
 use crate::breaker::{BreakerName, CircuitBreaker};
 use crate::bulkhead::Bulkhead;
 use crate::config::{PolicyConfig, ResilienceConfig};
-use crate::layers::{BulkheadLayer, CircuitBreakerLayer, RateLimitLayer, TimeoutLayer};
+use crate::layers::{PolicyLayer, PolicyService};
 use crate::metrics::{ResilienceMetrics, ScopeHandles};
 use crate::rate_limit::RateLimiter;
 use crate::retry::{RetryPolicy, RetryShared};
-use http::{Request, Response};
 use shoal_core::deadline::Deadline;
 use shoal_core::resilience::BreakerInfo;
 use shoal_core::Error;
 use shoal_telemetry::Metrics;
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tower::retry::Retry;
-use tower::{Layer, Service};
+use tower::Layer;
 
 /// The policies of one process; cheap to clone.
 #[derive(Clone)]
@@ -27,43 +35,59 @@ pub struct Resilience {
 }
 
 struct Inner {
+    /// Tells this `Resilience`'s entries apart in the thread-local cache.
+    id: u64,
     cfg: ResilienceConfig,
     owner: String,
     default_timeout: Duration,
     metrics: Option<ResilienceMetrics>,
-    dependencies: RwLock<HashMap<String, Arc<DependencyScopes>>>,
-    routes: RwLock<HashMap<(String, String), Arc<Scope>>>,
+    dependencies: RwLock<HashMap<String, &'static DependencyScopes>>,
+    routes: RwLock<HashMap<(String, String), &'static Scope>>,
 }
 
 struct DependencyScopes {
-    base: Arc<Scope>,
+    base: &'static Scope,
     /// Longest prefix first.
-    routes: Vec<(String, Arc<Scope>)>,
+    routes: Vec<(String, &'static Scope)>,
 }
+
+impl DependencyScopes {
+    fn pick(&self, path: &str) -> &'static Scope {
+        self.routes
+            .iter()
+            .find(|(prefix, _)| prefix_matches(prefix, path))
+            .map(|(_, s)| *s)
+            .unwrap_or(self.base)
+    }
+}
+
+/// Entries kept per thread in the lookup cache.
+const CACHE_ENTRIES: usize = 32;
+
+thread_local! {
+    /// Recently used dependencies: (resilience id, name, scopes), newest last.
+    static RECENT: RefCell<Vec<(u64, Box<str>, &'static DependencyScopes)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// One scope's policy and shared state.
 pub struct Scope {
-    dependency: String,
+    dependency: Arc<str>,
     route: Option<String>,
     policy_name: String,
-    timeout: Duration,
+    pub(crate) timeout: Duration,
     deadline: Option<Duration>,
-    retry: Option<Arc<RetryShared>>,
-    breaker: Option<Arc<CircuitBreaker>>,
-    bulkhead: Option<Arc<Bulkhead>>,
-    limiter: Option<Arc<RateLimiter>>,
-    handles: ScopeHandles,
+    pub(crate) retry: Option<RetryShared>,
+    pub(crate) breaker: Option<CircuitBreaker>,
+    pub(crate) bulkhead: Option<Bulkhead>,
+    pub(crate) limiter: Option<RateLimiter>,
+    pub(crate) handles: ScopeHandles,
 }
 
 /// The full policy stack around a service `S`.
-pub type Stack<S> = Retry<
-    RetryPolicy,
-    crate::layers::CircuitBreakerService<
-        crate::layers::RateLimitService<
-            crate::layers::BulkheadService<crate::layers::TimeoutService<S>>,
-        >,
-    >,
->;
+pub type Stack<'a, S> = Retry<RetryPolicy<'a>, PolicyService<'a, S>>;
 
 impl Resilience {
     /// The policies of `cfg` (checked here), for a process called `owner` (listed
@@ -78,6 +102,7 @@ impl Resilience {
         cfg.validate("resilience")?;
         Ok(Self {
             inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 cfg,
                 owner: owner.to_string(),
                 default_timeout,
@@ -95,28 +120,38 @@ impl Resilience {
 
     /// The scope of a call to `dependency` at `path`: the dependency's own, or a
     /// route's where its config names one for this path.
-    pub fn scope(&self, dependency: &str, path: &str) -> Arc<Scope> {
+    pub fn scope(&self, dependency: &str, path: &str) -> &'static Scope {
+        let id = self.inner.id;
+        let cached = RECENT.with(|r| {
+            r.borrow()
+                .iter()
+                .rev()
+                .find(|(i, name, _)| *i == id && &**name == dependency)
+                .map(|(_, _, s)| *s)
+        });
+        if let Some(scopes) = cached {
+            return scopes.pick(path);
+        }
         let found = self
             .inner
             .dependencies
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(dependency)
-            .cloned();
-        let scopes = match found {
-            Some(s) => s,
-            None => self.make_dependency(dependency),
-        };
-        for (prefix, scope) in &scopes.routes {
-            if prefix_matches(prefix, path) {
-                return scope.clone();
+            .copied();
+        let scopes = found.unwrap_or_else(|| self.make_dependency(dependency));
+        RECENT.with(|r| {
+            let mut r = r.borrow_mut();
+            if r.len() == CACHE_ENTRIES {
+                r.remove(0);
             }
-        }
-        scopes.base.clone()
+            r.push((id, dependency.into(), scopes));
+        });
+        scopes.pick(path)
     }
 
     /// The scope of a gateway route: its own breaker and state under `policy`.
-    pub fn route_scope(&self, dependency: &str, route: &str, policy: &str) -> Arc<Scope> {
+    pub fn route_scope(&self, dependency: &str, route: &str, policy: &str) -> &'static Scope {
         let key = (dependency.to_string(), route.to_string());
         if let Some(s) = self
             .inner
@@ -125,47 +160,46 @@ impl Resilience {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
         {
-            return s.clone();
+            return s;
         }
         let mut map = self.inner.routes.write().unwrap_or_else(|p| p.into_inner());
         map.entry(key)
-            .or_insert_with(|| Arc::new(self.make_scope(dependency, Some(route), policy)))
-            .clone()
+            .or_insert_with(|| leak(self.make_scope(dependency, Some(route), policy)))
     }
 
-    fn make_dependency(&self, dependency: &str) -> Arc<DependencyScopes> {
+    fn make_dependency(&self, dependency: &str) -> &'static DependencyScopes {
         let mut map = self
             .inner
             .dependencies
             .write()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(s) = map.get(dependency) {
-            return s.clone();
+            return s;
         }
         let cfg = &self.inner.cfg;
         let dep = cfg.dependencies.get(dependency);
         let policy = dep
             .and_then(|d| d.policy.clone())
             .unwrap_or_else(|| cfg.default_policy.clone());
-        let mut routes: Vec<(String, Arc<Scope>)> = dep
+        let mut routes: Vec<(String, &'static Scope)> = dep
             .map(|d| {
                 d.routes
                     .iter()
                     .map(|r| {
                         (
                             r.prefix.clone(),
-                            Arc::new(self.make_scope(dependency, Some(&r.prefix), &r.policy)),
+                            leak(self.make_scope(dependency, Some(&r.prefix), &r.policy)),
                         )
                     })
                     .collect()
             })
             .unwrap_or_default();
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
-        let scopes = Arc::new(DependencyScopes {
-            base: Arc::new(self.make_scope(dependency, None, &policy)),
+        let scopes: &'static DependencyScopes = Box::leak(Box::new(DependencyScopes {
+            base: leak(self.make_scope(dependency, None, &policy)),
             routes,
-        });
-        map.insert(dependency.to_string(), scopes.clone());
+        }));
+        map.insert(dependency.to_string(), scopes);
         scopes
     }
 
@@ -182,7 +216,7 @@ impl Resilience {
         let m = self.inner.metrics.as_ref();
         let handles = m.map(|m| m.scope(dependency, route)).unwrap_or_default();
         Scope {
-            dependency: dependency.to_string(),
+            dependency: Arc::from(dependency),
             route: route.map(str::to_string),
             policy_name: policy_name.to_string(),
             timeout: policy
@@ -190,9 +224,9 @@ impl Resilience {
                 .map(Duration::from_millis)
                 .unwrap_or(self.inner.default_timeout),
             deadline: policy.deadline_ms.map(Duration::from_millis),
-            retry: policy.retry.clone().map(|r| Arc::new(RetryShared::new(r))),
+            retry: policy.retry.clone().map(RetryShared::new),
             breaker: policy.circuit_breaker.clone().map(|b| {
-                Arc::new(CircuitBreaker::new(
+                CircuitBreaker::new(
                     b,
                     BreakerName {
                         owner: self.inner.owner.clone(),
@@ -201,16 +235,16 @@ impl Resilience {
                         policy: policy_name.to_string(),
                     },
                     m.map(|m| m.breaker(dependency, route)),
-                ))
+                )
             }),
             bulkhead: policy
                 .bulkhead
                 .as_ref()
-                .map(|b| Arc::new(Bulkhead::new(b, dependency))),
+                .map(|b| Bulkhead::new(b, dependency)),
             limiter: policy
                 .rate_limit
                 .as_ref()
-                .map(|r| Arc::new(RateLimiter::new(r, dependency))),
+                .map(|r| RateLimiter::new(r, dependency)),
             handles,
         }
     }
@@ -260,6 +294,11 @@ pub fn ops_routes(resilience: Resilience) -> axum::Router {
     )
 }
 
+/// Give a scope the life of the process (see the module's note).
+fn leak(scope: Scope) -> &'static Scope {
+    Box::leak(Box::new(scope))
+}
+
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/"
         || (path.starts_with(prefix)
@@ -270,6 +309,11 @@ impl Scope {
     /// The service it guards.
     pub fn dependency(&self) -> &str {
         &self.dependency
+    }
+
+    /// The service it guards, shared.
+    pub fn dependency_arc(&self) -> Arc<str> {
+        self.dependency.clone()
     }
 
     /// The route it is scoped to.
@@ -283,12 +327,12 @@ impl Scope {
     }
 
     /// Its breaker, if the policy has one.
-    pub fn breaker(&self) -> Option<&Arc<CircuitBreaker>> {
+    pub fn breaker(&self) -> Option<&CircuitBreaker> {
         self.breaker.as_ref()
     }
 
     /// Its bulkhead, if the policy has one.
-    pub fn bulkhead(&self) -> Option<&Arc<Bulkhead>> {
+    pub fn bulkhead(&self) -> Option<&Bulkhead> {
         self.bulkhead.as_ref()
     }
 
@@ -300,28 +344,12 @@ impl Scope {
 
     /// Wrap `inner` (one attempt at the dependency) in this scope's policy for one
     /// call: retry( breaker( rate limit( bulkhead( timeout( inner ))))). Put the
-    /// call's [`Deadline`] in the request's extensions.
-    pub fn stack<S, B, R>(&self, inner: S) -> Stack<S>
-    where
-        S: Service<Request<B>, Response = Response<R>, Error = Error>,
-    {
-        let timeout = TimeoutLayer::new(self.timeout).layer(inner);
-        let bulkhead = BulkheadLayer::new(
-            self.bulkhead
-                .as_ref()
-                .map(|b| (b.clone(), self.handles.clone())),
-        )
-        .layer(timeout);
-        let limited = RateLimitLayer::new(
-            self.limiter
-                .as_ref()
-                .map(|l| (l.clone(), self.handles.clone())),
-        )
-        .layer(bulkhead);
-        let breaker = CircuitBreakerLayer::new(self.breaker.clone()).layer(limited);
+    /// call's [`Deadline`] in the request's extensions before sharing the request
+    /// ([`crate::Shared`]).
+    pub fn stack<S>(&self, inner: S) -> Stack<'_, S> {
         Retry::new(
-            RetryPolicy::begin(self.retry.clone(), self.handles.clone()),
-            breaker,
+            RetryPolicy::begin(self),
+            PolicyLayer::new(self).layer(inner),
         )
     }
 }
@@ -330,9 +358,12 @@ impl Scope {
 mod tests {
     use super::*;
     use crate::config::{BreakerConfig, RetryConfig};
+    use crate::Shared;
+    use http::{Request, Response};
     use shoal_core::ErrorKind;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tokio::time::Instant;
+    use tower::Service;
     use tower::ServiceExt;
 
     fn resilience(policy: PolicyConfig) -> Resilience {
@@ -347,11 +378,11 @@ mod tests {
         status: u16,
         delay: Duration,
         calls: Arc<AtomicU32>,
-    ) -> impl Service<Request<()>, Response = Response<()>, Error = Error, Future: Send>
+    ) -> impl Service<Shared<()>, Response = Response<()>, Error = Error, Future: Send>
            + Clone
            + Send
            + 'static {
-        tower::service_fn(move |_req: Request<()>| {
+        tower::service_fn(move |_req: Shared<()>| {
             calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 tokio::time::sleep(delay).await;
@@ -366,7 +397,7 @@ mod tests {
     async fn call(
         r: &Resilience,
         req: Request<()>,
-        up: impl Service<Request<()>, Response = Response<()>, Error = Error, Future: Send>
+        up: impl Service<Shared<()>, Response = Response<()>, Error = Error, Future: Send>
             + Clone
             + Send
             + 'static,
@@ -376,7 +407,7 @@ mod tests {
         if let Some(d) = scope.deadline(req.extensions().get::<Deadline>().copied()) {
             req.extensions_mut().insert(d);
         }
-        scope.stack(up).oneshot(req).await
+        scope.stack(up).oneshot(Arc::new(req)).await
     }
 
     fn get() -> Request<()> {

@@ -118,3 +118,57 @@ impl GatewayConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<GatewayConfig, shoal_core::Error> {
+        let c: GatewayConfig =
+            toml::from_str(s).map_err(|e| shoal_core::Error::config(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn route_policies_must_exist_and_admin_prefixes_are_reserved() {
+        let ok = parse(
+            r#"
+            [[routes]]
+            prefix = "/api/orders"
+            service = "orders"
+            policy = "strict"
+            [resilience.policies.strict]
+            timeout_ms = 500
+            "#,
+        )
+        .unwrap();
+        assert_eq!(ok.routes[0].policy.as_deref(), Some("strict"));
+        let e = parse(
+            r#"
+            [[routes]]
+            prefix = "/api/orders"
+            service = "orders"
+            policy = "missing"
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("gateway.routes[0].policy"), "{e}");
+        let e = parse("[resilience.policies.p]\nbulkhead = { max_concurrent = 0 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("gateway.resilience.policies.p.bulkhead.max_concurrent"),
+            "{e}"
+        );
+        for prefix in ["/admin", "/admin/x", "/ops"] {
+            let e = parse(&format!(
+                "[[routes]]\nprefix = \"{prefix}\"\nservice = \"x\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("reserved"), "{prefix}: {e}");
+        }
+    }
+}

@@ -22,8 +22,10 @@
 //! binds (127.0.0.1:0 by default) and registers the real address; heartbeats;
 //! `/health/live`, `/health/ready` (pluggable checks) and `/metrics`; JSON logs with
 //! request and trace ids; a database of the service's own with embedded migrations;
-//! an HTTP client that calls other services by name with load balancing; and a
-//! graceful shutdown on SIGTERM/SIGINT (deregister, drain, stop).
+//! an HTTP client that calls other services by name with load balancing and the
+//! resilience policies of its config (retry, circuit breaker, timeouts and
+//! deadlines, bulkhead, rate limit); run-time fault injection for chaos tests; and
+//! a graceful shutdown on SIGTERM/SIGINT (deregister, drain, stop).
 
 mod config;
 mod ctx;
@@ -39,6 +41,10 @@ pub use service::{RunningService, Service};
 pub use shoal_core::{ApiError, Error, ErrorKind, Origin};
 pub use shoal_discovery::{ClientResponse, ServiceClient, Strategy};
 pub use shoal_telemetry::{Metrics, RequestContext};
+
+/// Resilience policies and fallbacks (`shoal::resilience::with_fallback`,
+/// `LastGood`); the service client applies the configured policies by itself.
+pub use shoal_resilience as resilience;
 
 /// The database driver the SDK uses, re-exported so a service needs no version of its own.
 pub use sqlx;

@@ -488,18 +488,35 @@ async fn config_mistakes_stop_a_service_at_start_naming_the_key() {
         err.contains("body_limit_bytes") || err.contains("invalid type"),
         "{err}"
     );
+    // Mistakes in a config file name the key (and the file).
     let dir = temp_dir("cfg");
     let file = dir.join("svc.toml");
-    std::fs::write(&file, "register = false\n[database]\nurll = \"x\"\n").unwrap();
-    let err = Service::new("cfg")
-        .config_file(&file)
-        .env(Vec::<(String, String)>::new())
-        .start()
-        .await
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(err.contains("urll") && err.contains("svc.toml"), "{err}");
+    for (toml, needles) in [
+        (
+            "register = false\n[database]\nurll = \"x\"\n",
+            &["urll", "svc.toml"][..],
+        ),
+        // A policy that cannot work, and one that names a policy nobody defined.
+        (
+            "register = false\n[resilience.policies.p]\nretry = { max_attempts = 0 }\n",
+            &["resilience.policies.p.retry.max_attempts"][..],
+        ),
+        (
+            "register = false\n[resilience.dependencies.payment]\npolicy = \"fast\"\n",
+            &["resilience.dependencies.payment.policy"][..],
+        ),
+    ] {
+        std::fs::write(&file, toml).unwrap();
+        let err = Service::new("cfg")
+            .config_file(&file)
+            .env(Vec::<(String, String)>::new())
+            .start()
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(needles.iter().all(|n| err.contains(n)), "{err}");
+    }
 }
 
 #[tokio::test]

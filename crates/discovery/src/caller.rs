@@ -143,8 +143,9 @@ impl Caller {
     /// Send `req` (its URI is a path and query) to an instance of `service`, under
     /// the policy configured for `service` (and the request's route).
     ///
-    /// Adds `x-request-id`, `traceparent` and `x-shoal-deadline-ms` from the current
-    /// request context when the request has none. Errors are typed: no healthy
+    /// Adds `x-request-id` and `traceparent` from the current request context when
+    /// the request has none, and sets `x-shoal-deadline-ms` to the time left of the
+    /// call's deadline (the sooner of the request context's and the policy's). Errors are typed: no healthy
     /// instance and refused connections are `Unavailable`; an attempt that timed out
     /// is `Timeout`, retryable only for requests safe to repeat; a passed deadline is
     /// `Timeout` and final; an open breaker is `CircuitOpen`; a full bulkhead or a
@@ -232,6 +233,14 @@ impl CallerInner {
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".to_string());
         let method = req.method().clone();
+        // Counted however the attempt ends, even when its timeout drops it midway.
+        let mut observed = Observed {
+            caller: self,
+            service,
+            method: method.as_str(),
+            start,
+            status: 0,
+        };
         let mut tried: Vec<String> = Vec::new();
         let mut last_err: Option<Error> = None;
         for _ in 0..self.cfg.max_connect_attempts.max(1) {
@@ -256,7 +265,7 @@ impl CallerInner {
             *attempt.headers_mut() = headers.clone();
             match self.http.request(attempt).await {
                 Ok(res) => {
-                    self.observe(service, method.as_str(), res.status().as_u16(), start);
+                    observed.status = res.status().as_u16();
                     return Ok(res.map(|inner| GuardedBody {
                         inner,
                         _guard: guard,
@@ -274,7 +283,6 @@ impl CallerInner {
                     );
                 }
                 Err(e) => {
-                    self.observe(service, method.as_str(), 0, start);
                     // The request may have reached the service: repeat it only if
                     // that is safe.
                     return Err(Error::new(
@@ -287,14 +295,30 @@ impl CallerInner {
                 }
             }
         }
-        self.observe(service, method.as_str(), 0, start);
         Err(last_err
             .unwrap_or_else(|| Error::unavailable(format!("no healthy instance of {service}"))))
     }
+}
 
-    fn observe(&self, service: &str, method: &str, status: u16, start: Instant) {
-        if let Some(m) = &self.metrics {
-            m.observe_client(service, method, status, start.elapsed().as_secs_f64());
+/// Records one attempt in the client metrics when dropped: with its status, or `0`
+/// when no answer came (refused everywhere, failed, or cut by its timeout).
+struct Observed<'a> {
+    caller: &'a CallerInner,
+    service: &'a str,
+    method: &'a str,
+    start: Instant,
+    status: u16,
+}
+
+impl Drop for Observed<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = &self.caller.metrics {
+            m.observe_client(
+                self.service,
+                self.method,
+                self.status,
+                self.start.elapsed().as_secs_f64(),
+            );
         }
     }
 }

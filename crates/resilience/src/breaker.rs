@@ -267,7 +267,16 @@ pub struct Permit<'a> {
 }
 
 impl Permit<'_> {
-    /// Report the call's outcome; its duration is measured from the permit.
+    /// Measure the call's duration from now: waits in a rate limiter or bulkhead
+    /// queue are not the dependency's slowness.
+    pub fn start_clock(&mut self) {
+        if self.start.is_some() {
+            self.start = Some(Instant::now());
+        }
+    }
+
+    /// Report the call's outcome; its duration is measured from the permit (or
+    /// from [`Permit::start_clock`]).
     pub fn record(mut self, outcome: Outcome) {
         self.recorded = true;
         let elapsed = self.start.map(|s| s.elapsed()).unwrap_or_default();

@@ -109,7 +109,8 @@ impl ShardedBudget {
             slot: ttl / SLOTS as u32,
             deposit_amount,
             withdraw_amount: withdraw_amount.max(1),
-            reserve: min_per_sec as u64 * ttl.as_secs() * withdraw_amount.max(1),
+            // Milliseconds, so a window of 1.5 s holds 1.5 s of reserve.
+            reserve: min_per_sec as u64 * ttl.as_millis() as u64 / 1000 * withdraw_amount.max(1),
         }
     }
 

@@ -80,7 +80,8 @@ pub struct PolicyConfig {
 pub struct RetryConfig {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
-    /// Backoff before retry `n` is uniform in `[0, min(max_delay, base_delay * 2^n))`.
+    /// The backoff before retry `n` (1 for the first) is uniform in
+    /// `[0, min(max_delay, base_delay * 2^(n-1)))`.
     pub base_delay_ms: u64,
     /// Cap of the backoff.
     pub max_delay_ms: u64,

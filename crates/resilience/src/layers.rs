@@ -93,7 +93,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let scope = self.scope;
         Box::pin(async move {
-            let permit = match &scope.breaker {
+            let mut permit = match &scope.breaker {
                 Some(b) => Some(b.try_acquire()?),
                 None => None,
             };
@@ -114,6 +114,9 @@ where
                 },
                 None => None,
             };
+            if let Some(p) = permit.as_mut() {
+                p.start_clock();
+            }
             let result = within_time(inner.call(req), scope.timeout, deadline).await;
             if let Some(p) = permit {
                 p.record(classify(&result));

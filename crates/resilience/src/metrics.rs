@@ -36,42 +36,42 @@ impl ResilienceMetrics {
             faults_injected: Family::default(),
         };
         metrics.register(
-            "shoal_breaker_state",
+            "shoal_resilience_breaker_state",
             "Circuit breaker state: 0 closed, 1 open, 2 half-open",
             m.breaker_state.clone(),
         );
         metrics.register(
-            "shoal_breaker_transitions",
+            "shoal_resilience_breaker_transitions",
             "Circuit breaker state changes, by from and to state",
             m.breaker_transitions.clone(),
         );
         metrics.register(
-            "shoal_breaker_rejected",
+            "shoal_resilience_breaker_rejected",
             "Calls failed fast by an open circuit breaker",
             m.breaker_rejected.clone(),
         );
         metrics.register(
-            "shoal_client_retries",
+            "shoal_resilience_retries",
             "Retried attempts of calls to other services",
             m.retries.clone(),
         );
         metrics.register(
-            "shoal_client_retry_budget_exhausted",
+            "shoal_resilience_retry_budget_exhausted",
             "Retries not made because the retry budget was spent",
             m.budget_exhausted.clone(),
         );
         metrics.register(
-            "shoal_bulkhead_rejected",
+            "shoal_resilience_bulkhead_rejected",
             "Calls rejected because a bulkhead's pool and queue were full",
             m.bulkhead_rejected.clone(),
         );
         metrics.register(
-            "shoal_client_rate_limited",
+            "shoal_resilience_rate_limited",
             "Calls refused by a client-side rate limit",
             m.rate_limited.clone(),
         );
         metrics.register(
-            "shoal_faults_injected",
+            "shoal_resilience_faults_injected",
             "Requests hit by an injected fault, by kind",
             m.faults_injected.clone(),
         );

@@ -21,6 +21,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+/// How long past its own time limit a handler may take to answer for itself.
+const OWN_LIMIT_GRACE: Duration = Duration::from_millis(50);
+
 /// The most of a non-JSON error body kept as the JSON error's message.
 const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 
@@ -122,10 +125,18 @@ pub async fn layer(
         deadline_passed()
     } else {
         let run = ctx.scope(next.run(req)).instrument(span.clone());
-        match deadline {
-            Some(d) => match tokio::time::timeout_at(d.0, run).await {
+        // At the caller's deadline no one waits: cut at once. At our own limit the
+        // handler, whose calls carry the same deadline, gets a moment to answer for
+        // itself (a gateway's 504 `upstream_timeout` says more than our 503).
+        let cut = match deadline {
+            Some(d) if Some(d) == caller_deadline => Some(d.0),
+            Some(d) => Some(d.0 + OWN_LIMIT_GRACE),
+            None => None,
+        };
+        match cut {
+            Some(at) => match tokio::time::timeout_at(at, run).await {
                 Ok(res) => res,
-                Err(_) if Some(d) == caller_deadline => deadline_passed(),
+                Err(_) if deadline.is_some() && deadline == caller_deadline => deadline_passed(),
                 Err(_) => ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "timeout",

@@ -157,7 +157,7 @@ async fn a_breaker_opens_on_a_failing_service_process_fails_fast_and_closes_when
     );
     let injected = || async {
         let m = http_get(catalog_addr, "/metrics").await.unwrap().text();
-        counter(&m, "shoal_faults_injected_total")
+        counter(&m, "shoal_resilience_faults_injected_total")
     };
     let before = injected().await;
 
@@ -224,8 +224,11 @@ async fn a_breaker_opens_on_a_failing_service_process_fails_fast_and_closes_when
     let list = breakers(front.addr(), "/ops/breakers").await;
     assert_eq!(list.breakers[0].state, BreakerState::Closed);
     let m = http_get(front.addr(), "/metrics").await.unwrap().text();
-    assert!(m.contains("shoal_breaker_transitions_total{"), "{m}");
-    assert!(counter(&m, "shoal_breaker_rejected_total") >= n as f64);
+    assert!(
+        m.contains("shoal_resilience_breaker_transitions_total{"),
+        "{m}"
+    );
+    assert!(counter(&m, "shoal_resilience_breaker_rejected_total") >= n as f64);
     gw.stop().await;
     front.shutdown().await.unwrap();
     cp.stop().await;

@@ -1,0 +1,33 @@
+//! The event store: what event sourcing and CQRS in shoal build on.
+//!
+//! - [`EventStore`]: streams with optimistic concurrency ([`ExpectedVersion`], a
+//!   `Conflict` error when it does not hold), a global order without gaps, reads
+//!   forwards and backwards, read-all from a position, catch-up then live
+//!   [`Subscription`]s, snapshots, event metadata (correlation and causation ids,
+//!   time), versioned event types with [`Upcasters`]; appends are durable when they
+//!   return and share fsyncs through group commit;
+//! - [`Aggregate`]: load (snapshot plus later events), decide, append, and decide
+//!   again on a conflict;
+//! - [`ProjectionRunner`]: read models fed from the global order, checkpointed in the
+//!   same transaction as each change, rebuildable from zero.
+//!
+//! It lives in the service's own SQLite database (a PostgreSQL backend is the next
+//! step), in tables prefixed `_shoal_es_`.
+
+mod aggregate;
+mod projection;
+mod store;
+mod types;
+mod upcast;
+
+#[cfg(test)]
+mod tests;
+
+pub use aggregate::{stream_of, Aggregate, Loaded, MAX_CONFLICT_RETRIES};
+pub use projection::{Projection, ProjectionFuture, ProjectionRunner};
+pub use store::{EventStore, Snapshot, Subscription};
+pub use types::{
+    limits, validate_stream_id, Appended, Direction, ExpectedVersion, Metadata, NewEvent,
+    RecordedEvent,
+};
+pub use upcast::Upcasters;

@@ -1,0 +1,165 @@
+//! Projections (the read side of CQRS): a runner feeds events, in global order, into
+//! a read model in the same database, and stores how far it got (its checkpoint) in
+//! the same transaction as the read-model change. A crash between the two cannot
+//! happen: both commit or neither does, so no event is applied twice.
+
+use crate::store::{db_err, EventStore};
+use crate::types::RecordedEvent;
+use shoal_core::Error;
+use sqlx::sqlite::SqliteConnection;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The future a projection's hooks return.
+pub type ProjectionFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
+
+/// A read model kept from events.
+pub trait Projection: Send + Sync {
+    /// Its name; its checkpoint is kept under it.
+    fn name(&self) -> &str;
+
+    /// Change the read model for `event`, inside the runner's transaction `tx`.
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut SqliteConnection,
+        event: &'a RecordedEvent,
+    ) -> ProjectionFuture<'a>;
+
+    /// Empty the read model (for a rebuild), inside `tx`.
+    fn reset<'a>(&'a self, tx: &'a mut SqliteConnection) -> ProjectionFuture<'a>;
+}
+
+/// Runs one projection against a store.
+#[derive(Clone)]
+pub struct ProjectionRunner {
+    store: EventStore,
+    projection: Arc<dyn Projection>,
+    batch: usize,
+}
+
+impl ProjectionRunner {
+    /// A runner applying up to `batch` events per transaction.
+    pub fn new(store: EventStore, projection: Arc<dyn Projection>, batch: usize) -> Self {
+        Self {
+            store,
+            projection,
+            batch: batch.clamp(1, crate::types::limits::MAX_READ),
+        }
+    }
+
+    /// The position of the last event applied.
+    pub async fn checkpoint(&self) -> Result<u64, Error> {
+        let p: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM _shoal_es_checkpoints WHERE projection = ?")
+                .bind(self.projection.name())
+                .fetch_optional(self.store.pool())
+                .await
+                .map_err(db_err("reading a projection checkpoint"))?;
+        Ok(p.unwrap_or(0) as u64)
+    }
+
+    /// Events committed but not yet applied.
+    pub async fn lag(&self) -> Result<u64, Error> {
+        Ok(self.store.head().saturating_sub(self.checkpoint().await?))
+    }
+
+    /// Apply every event stored now; returns how many were applied.
+    pub async fn catch_up(&self) -> Result<u64, Error> {
+        let mut applied = 0;
+        loop {
+            let n = self.step().await?;
+            if n == 0 {
+                return Ok(applied);
+            }
+            applied += n;
+        }
+    }
+
+    /// Apply one batch in one transaction with its checkpoint.
+    async fn step(&self) -> Result<u64, Error> {
+        let from = self.checkpoint().await?;
+        let events = self.store.read_all(from, self.batch).await?;
+        let Some(last) = events.last().map(|e| e.position) else {
+            return Ok(0);
+        };
+        let mut tx = self
+            .store
+            .pool()
+            .begin()
+            .await
+            .map_err(db_err("starting a projection transaction"))?;
+        for e in &events {
+            self.projection.apply(&mut tx, e).await?;
+        }
+        // Checkpoint moves only from where this batch started: two runners of the
+        // same projection cannot both apply a batch.
+        let moved = sqlx::query(
+            "INSERT INTO _shoal_es_checkpoints (projection, position) VALUES (?, ?)
+             ON CONFLICT (projection) DO UPDATE SET position = excluded.position
+             WHERE _shoal_es_checkpoints.position = ?",
+        )
+        .bind(self.projection.name())
+        .bind(last as i64)
+        .bind(from as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("saving a projection checkpoint"))?;
+        if moved.rows_affected() != 1 {
+            return Err(Error::new(
+                shoal_core::ErrorKind::Conflict,
+                shoal_core::Origin::Internal,
+                format!(
+                    "projection {} moved on under another runner",
+                    self.projection.name()
+                ),
+            ));
+        }
+        tx.commit()
+            .await
+            .map_err(db_err("committing a projection batch"))?;
+        Ok(events.len() as u64)
+    }
+
+    /// Empty the read model and its checkpoint in one transaction, then apply every
+    /// event from the start.
+    pub async fn rebuild(&self) -> Result<u64, Error> {
+        let mut tx = self
+            .store
+            .pool()
+            .begin()
+            .await
+            .map_err(db_err("starting a projection rebuild"))?;
+        self.projection.reset(&mut tx).await?;
+        sqlx::query("DELETE FROM _shoal_es_checkpoints WHERE projection = ?")
+            .bind(self.projection.name())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("resetting a projection checkpoint"))?;
+        tx.commit()
+            .await
+            .map_err(db_err("committing a projection reset"))?;
+        self.catch_up().await
+    }
+
+    /// Keep applying events as they are committed until `shutdown` resolves. A
+    /// failing batch is retried after a pause (it is applied whole or not at all).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut head = self.store.head_watch();
+        loop {
+            match self.catch_up().await {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(projection = self.projection.name(), error = %e, "projection batch failed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = head.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! The conformance suite: what every backend must do. It runs on SQLite files here;
+//! each case takes a fresh store from `fresh()`.
+
+use crate::*;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use shoal_core::ErrorKind;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+fn temp_path(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "shoal-es-{tag}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("events.db")
+}
+
+async fn pool_at(path: &std::path::Path) -> Result<sqlx::SqlitePool, sqlx::Error> {
+    let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(std::time::Duration::from_secs(5));
+    SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(opts)
+        .await
+}
+
+async fn fresh_with(upcasters: Upcasters) -> EventStore {
+    let pool = pool_at(&temp_path("store")).await.unwrap();
+    EventStore::open(pool, upcasters).await.unwrap()
+}
+
+async fn fresh() -> EventStore {
+    fresh_with(Upcasters::new()).await
+}
+
+fn ev(t: &str, n: i64) -> NewEvent {
+    NewEvent::new(t, 1, &json!({ "n": n })).unwrap()
+}
+
+#[tokio::test]
+async fn appends_and_reads_both_ways_with_metadata() {
+    let s = fresh().await;
+    let meta = Metadata {
+        correlation_id: Some("c-1".into()),
+        causation_id: Some("m-7".into()),
+        extra: [("user".to_string(), "alice".to_string())].into(),
+    };
+    let a = s
+        .append(
+            "order-1",
+            ExpectedVersion::NoStream,
+            vec![ev("Placed", 1).with_metadata(meta.clone()), ev("Paid", 2)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        a,
+        Appended {
+            version: 2,
+            position: 2
+        }
+    );
+    s.append("order-2", ExpectedVersion::Any, vec![ev("Placed", 3)])
+        .await
+        .unwrap();
+    let b = s
+        .append("order-1", ExpectedVersion::Exact(2), vec![ev("Shipped", 4)])
+        .await
+        .unwrap();
+    assert_eq!(
+        b,
+        Appended {
+            version: 3,
+            position: 4
+        }
+    );
+    assert_eq!(s.stream_version("order-1").await.unwrap(), 3);
+    assert_eq!(s.stream_version("nobody").await.unwrap(), 0);
+
+    let fwd = s
+        .read_stream("order-1", 1, Direction::Forwards, 100)
+        .await
+        .unwrap();
+    let types: Vec<_> = fwd.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["Placed", "Paid", "Shipped"]);
+    assert_eq!(fwd.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(
+        fwd.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [1, 2, 4]
+    );
+    assert_eq!(fwd[0].metadata, meta);
+    assert_eq!(fwd[0].data, json!({"n": 1}));
+    assert!(fwd[0].recorded_at_ms > 0);
+    let back = s
+        .read_stream("order-1", u64::MAX, Direction::Backwards, 2)
+        .await
+        .unwrap();
+    assert_eq!(back.iter().map(|e| e.version).collect::<Vec<_>>(), [3, 2]);
+    let from2 = s
+        .read_stream("order-1", 2, Direction::Forwards, 1)
+        .await
+        .unwrap();
+    assert_eq!(from2[0].event_type, "Paid");
+
+    let all = s.read_all(0, 100).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    let after = s.read_all(2, 100).await.unwrap();
+    assert_eq!(after.iter().map(|e| e.position).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(s.head(), 4);
+}
+
+#[tokio::test]
+async fn expected_versions_are_enforced_with_a_typed_conflict() {
+    let s = fresh().await;
+    s.append("a", ExpectedVersion::NoStream, vec![ev("X", 1)])
+        .await
+        .unwrap();
+    let e = s
+        .append("a", ExpectedVersion::NoStream, vec![ev("X", 2)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert!(
+        e.to_string()
+            .contains("expected no stream, but it is at version 1"),
+        "{e}"
+    );
+    let e = s
+        .append("a", ExpectedVersion::Exact(5), vec![ev("X", 2)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert!(e.to_string().contains("expected version 5"), "{e}");
+    let e = s
+        .append("b", ExpectedVersion::Exact(1), vec![ev("X", 2)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    // Nothing of the refused appends was written.
+    assert_eq!(s.read_all(0, 10).await.unwrap().len(), 1);
+    s.append("a", ExpectedVersion::Exact(1), vec![ev("X", 2)])
+        .await
+        .unwrap();
+    s.append("a", ExpectedVersion::Any, vec![ev("X", 3)])
+        .await
+        .unwrap();
+    assert_eq!(s.stream_version("a").await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn a_repeated_append_is_recognised_and_writes_nothing() {
+    let s = fresh().await;
+    let events = vec![ev("X", 1), ev("Y", 2)];
+    let first = s
+        .append("a", ExpectedVersion::NoStream, events.clone())
+        .await
+        .unwrap();
+    // The answer was lost; the client sends the same append again.
+    let again = s
+        .append("a", ExpectedVersion::NoStream, events.clone())
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    assert_eq!(s.read_all(0, 10).await.unwrap().len(), 2);
+    // The same id in another stream is a conflict, not a silent success.
+    let e = s
+        .append("b", ExpectedVersion::Any, vec![events[0].clone()])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_writers_on_one_stream_one_wins_per_version_and_nothing_has_gaps() {
+    let s = fresh().await;
+    let wins = Arc::new(AtomicU32::new(0));
+    let conflicts = Arc::new(AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let s = s.clone();
+        let wins = wins.clone();
+        let conflicts = conflicts.clone();
+        tasks.push(tokio::spawn(async move {
+            // Each writer tries to put its own event at each next version.
+            for _ in 0..40 {
+                let v = s.stream_version("hot").await.unwrap();
+                let expected = if v == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Exact(v)
+                };
+                match s.append("hot", expected, vec![ev("W", w)]).await {
+                    Ok(a) => {
+                        assert_eq!(a.version, v + 1);
+                        wins.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) if e.kind() == ErrorKind::Conflict => {
+                        conflicts.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let events = s
+        .read_stream("hot", 1, Direction::Forwards, 10_000)
+        .await
+        .unwrap();
+    let n = wins.load(Ordering::SeqCst) as u64;
+    assert_eq!(events.len() as u64, n);
+    assert_eq!(n + conflicts.load(Ordering::SeqCst) as u64, 8 * 40);
+    // Versions 1..=n, each once; positions 1..=n, each once.
+    assert!(events
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.version == i as u64 + 1));
+    let all = s.read_all(0, 10_000).await.unwrap();
+    assert!(all
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.position == i as u64 + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_never_see_a_gap_while_writers_commit() {
+    let s = fresh().await;
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    s.append(&format!("s-{w}"), ExpectedVersion::Any, vec![ev("E", i)])
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    // A reader following the global order sees every position, in order, once.
+    let mut sub = s.subscribe(0);
+    let mut expect = 1;
+    while expect <= 16 * 50 {
+        let e = tokio::time::timeout(std::time::Duration::from_secs(10), sub.next())
+            .await
+            .expect("the subscription keeps up")
+            .unwrap();
+        assert_eq!(e.position, expect);
+        expect += 1;
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_subscription_catches_up_then_goes_live() {
+    let s = fresh().await;
+    for i in 0..3 {
+        s.append("a", ExpectedVersion::Any, vec![ev("E", i)])
+            .await
+            .unwrap();
+    }
+    let mut sub = s.subscribe(1);
+    assert_eq!(sub.next().await.unwrap().position, 2);
+    assert_eq!(sub.next().await.unwrap().position, 3);
+    let waiting = tokio::spawn(async move { sub.next().await.map(|e| e.position) });
+    tokio::task::yield_now().await;
+    s.append("b", ExpectedVersion::Any, vec![ev("E", 9)])
+        .await
+        .unwrap();
+    let live = tokio::time::timeout(std::time::Duration::from_secs(2), waiting)
+        .await
+        .expect("a live event arrives at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(live, 4);
+}
+
+#[tokio::test]
+async fn snapshots_keep_the_newest() {
+    let s = fresh().await;
+    assert_eq!(s.load_snapshot("a").await.unwrap(), None);
+    s.save_snapshot("a", 10, &json!({"total": 10}))
+        .await
+        .unwrap();
+    s.save_snapshot("a", 5, &json!({"total": 5})).await.unwrap();
+    let snap = s.load_snapshot("a").await.unwrap().unwrap();
+    assert_eq!(snap.version, 10);
+    assert_eq!(snap.data, json!({"total": 10}));
+}
+
+#[tokio::test]
+async fn old_event_shapes_are_upcast_on_read() {
+    let s = fresh_with(Upcasters::new().add("Placed", 1, |mut v| {
+        v["currency"] = json!("EUR");
+        Ok(v)
+    }))
+    .await;
+    s.append(
+        "a",
+        ExpectedVersion::Any,
+        vec![NewEvent::new("Placed", 1, &json!({"cents": 5})).unwrap()],
+    )
+    .await
+    .unwrap();
+    s.append(
+        "a",
+        ExpectedVersion::Any,
+        vec![NewEvent::new("Placed", 2, &json!({"cents": 7, "currency": "USD"})).unwrap()],
+    )
+    .await
+    .unwrap();
+    let events = s
+        .read_stream("a", 1, Direction::Forwards, 10)
+        .await
+        .unwrap();
+    assert_eq!(events[0].type_version, 2);
+    assert_eq!(events[0].data, json!({"cents": 5, "currency": "EUR"}));
+    assert_eq!(events[1].data, json!({"cents": 7, "currency": "USD"}));
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_writes_nothing() {
+    let s = fresh().await;
+    let big = NewEvent::new(
+        "Big",
+        1,
+        &json!({"blob": "x".repeat(limits::MAX_EVENT_BYTES)}),
+    )
+    .unwrap();
+    let e = s
+        .append("a", ExpectedVersion::Any, vec![big])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("the limit is"), "{e}");
+    for stream in ["", "has space", &"x".repeat(201)] {
+        let e = s
+            .append(stream, ExpectedVersion::Any, vec![ev("X", 1)])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{stream:?}");
+    }
+    let e = s
+        .append("a", ExpectedVersion::Any, vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(s.read_all(0, 10).await.unwrap().is_empty());
+    assert_eq!(s.head(), 0);
+}
+
+#[tokio::test]
+async fn a_corrupt_database_file_is_named_as_such() {
+    let path = temp_path("corrupt");
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+    let e = match pool_at(&path).await {
+        Err(e) => e.to_string(),
+        Ok(pool) => EventStore::open(pool, Upcasters::new())
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+    };
+    assert!(e.contains("corrupt") || e.contains("not a database"), "{e}");
+}
+
+#[derive(Default, Serialize, Deserialize, Debug)]
+struct Counter {
+    total: i64,
+    seen: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+enum CounterEvent {
+    Added(i64),
+}
+
+impl Aggregate for Counter {
+    type Event = CounterEvent;
+    const KIND: &'static str = "counter";
+    const SNAPSHOT_EVERY: u64 = 10;
+
+    fn event_type(_: &CounterEvent) -> &'static str {
+        "Added"
+    }
+
+    fn apply(&mut self, event: &CounterEvent) {
+        let CounterEvent::Added(n) = event;
+        self.total += n;
+        self.seen += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_retry_on_conflict_and_snapshots_match_replay() {
+    let s = fresh().await;
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    s.execute::<Counter, _>("c1", Metadata::default(), |_| {
+                        Ok(vec![CounterEvent::Added(1)])
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let loaded = s.load::<Counter>("c1").await.unwrap();
+    assert_eq!(loaded.state.total, 80);
+    assert_eq!(loaded.version, 80);
+    let snap = s.load_snapshot("counter-c1").await.unwrap().unwrap();
+    assert_eq!(snap.version % 10, 0);
+    // Replaying every event gives the same state as snapshot plus tail.
+    let mut replayed = Counter::default();
+    for e in s
+        .read_stream("counter-c1", 1, Direction::Forwards, 1_000)
+        .await
+        .unwrap()
+    {
+        replayed.apply(&e.decode().unwrap());
+    }
+    assert_eq!(replayed.total, loaded.state.total);
+    // A decision can refuse: nothing is appended.
+    let e = s
+        .execute::<Counter, _>("c1", Metadata::default(), |c| {
+            if c.total >= 80 {
+                Err(shoal_core::Error::new(
+                    ErrorKind::Conflict,
+                    shoal_core::Origin::Downstream,
+                    "full",
+                ))
+            } else {
+                Ok(vec![])
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "full");
+    assert_eq!(s.stream_version("counter-c1").await.unwrap(), 80);
+}
+
+/// Counts events per stream into a table; can be told to stall after applying an
+/// event, to be cut off between its read-model write and its checkpoint.
+struct PerStream {
+    stall_at: Option<u64>,
+    stalled: Arc<tokio::sync::Notify>,
+}
+
+impl Projection for PerStream {
+    fn name(&self) -> &str {
+        "per_stream"
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut sqlx::SqliteConnection,
+        event: &'a RecordedEvent,
+    ) -> ProjectionFuture<'a> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO per_stream (stream, n) VALUES (?, 1)
+                 ON CONFLICT (stream) DO UPDATE SET n = n + 1",
+            )
+            .bind(&event.stream)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| shoal_core::Error::internal("read model").with_source(e))?;
+            if self.stall_at == Some(event.position) {
+                self.stalled.notify_one();
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        })
+    }
+
+    fn reset<'a>(&'a self, tx: &'a mut sqlx::SqliteConnection) -> ProjectionFuture<'a> {
+        Box::pin(async move {
+            sqlx::query("DELETE FROM per_stream")
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| shoal_core::Error::internal("read model").with_source(e))?;
+            Ok(())
+        })
+    }
+}
+
+async fn read_model(s: &EventStore) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT stream, n FROM per_stream ORDER BY stream")
+        .fetch_all(s.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_projection_cut_off_mid_batch_applies_nothing_twice_and_rebuilds_the_same() {
+    let s = fresh().await;
+    sqlx::query("CREATE TABLE per_stream (stream TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    for i in 0..30 {
+        s.append(
+            &format!("s-{}", i % 3),
+            ExpectedVersion::Any,
+            vec![ev("E", i)],
+        )
+        .await
+        .unwrap();
+    }
+    // A runner that stalls after writing event 17's read-model row, inside its
+    // batch's transaction; it is then cut off (its task aborted), as a crash would.
+    let stalled = Arc::new(tokio::sync::Notify::new());
+    let stalling = ProjectionRunner::new(
+        s.clone(),
+        Arc::new(PerStream {
+            stall_at: Some(17),
+            stalled: stalled.clone(),
+        }),
+        8,
+    );
+    let task = tokio::spawn(async move { stalling.catch_up().await });
+    stalled.notified().await;
+    task.abort();
+    let _ = task.await;
+
+    let runner = ProjectionRunner::new(
+        s.clone(),
+        Arc::new(PerStream {
+            stall_at: None,
+            stalled: Arc::new(tokio::sync::Notify::new()),
+        }),
+        8,
+    );
+    // Batches of 8: events 1..=16 were committed with their checkpoint; 17's batch
+    // was rolled back with it.
+    assert_eq!(runner.checkpoint().await.unwrap(), 16);
+    assert_eq!(runner.lag().await.unwrap(), 14);
+    runner.catch_up().await.unwrap();
+    assert_eq!(runner.checkpoint().await.unwrap(), 30);
+    let incremental = read_model(&s).await;
+    assert_eq!(
+        incremental,
+        vec![("s-0".into(), 10), ("s-1".into(), 10), ("s-2".into(), 10)]
+    );
+    assert_eq!(runner.rebuild().await.unwrap(), 30);
+    assert_eq!(read_model(&s).await, incremental);
+    let streams: HashSet<_> = incremental.iter().map(|(s, _)| s.clone()).collect();
+    assert_eq!(streams.len(), 3);
+}

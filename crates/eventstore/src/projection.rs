@@ -27,6 +27,23 @@ pub trait Projection: Send + Sync {
         event: &'a RecordedEvent,
     ) -> ProjectionFuture<'a>;
 
+    /// Change the read model for a batch of events, in order, inside `tx`. The
+    /// default applies them one by one; a projection that can fold a batch into
+    /// fewer statements (sums, upserts of the last value) should, since every
+    /// statement is a round trip to the database.
+    fn apply_batch<'a>(
+        &'a self,
+        tx: &'a mut SqliteConnection,
+        events: &'a [RecordedEvent],
+    ) -> ProjectionFuture<'a> {
+        Box::pin(async move {
+            for e in events {
+                self.apply(tx, e).await?;
+            }
+            Ok(())
+        })
+    }
+
     /// Empty the read model (for a rebuild), inside `tx`.
     fn reset<'a>(&'a self, tx: &'a mut SqliteConnection) -> ProjectionFuture<'a>;
 }
@@ -90,9 +107,7 @@ impl ProjectionRunner {
             .begin()
             .await
             .map_err(db_err("starting a projection transaction"))?;
-        for e in &events {
-            self.projection.apply(&mut tx, e).await?;
-        }
+        self.projection.apply_batch(&mut tx, &events).await?;
         // Checkpoint moves only from where this batch started: two runners of the
         // same projection cannot both apply a batch.
         let moved = sqlx::query(

@@ -21,6 +21,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+/// The columns every read selects, in the order `decode_row` reads them.
+macro_rules! columns {
+    () => {
+        "position, stream, version, id, event_type, type_version, data, metadata, recorded_at_ms"
+    };
+}
+
 /// Appends waiting for the writer, at most.
 const WRITE_QUEUE: usize = 4_096;
 /// Appends committed in one transaction, at most.
@@ -199,12 +206,16 @@ impl EventStore {
         validate_stream_id(stream)?;
         let from = from.min(i64::MAX as u64) as i64;
         let sql = match direction {
-            Direction::Forwards => {
-                "SELECT * FROM _shoal_es_events WHERE stream = ? AND version >= ? ORDER BY version ASC LIMIT ?"
-            }
-            Direction::Backwards => {
-                "SELECT * FROM _shoal_es_events WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT ?"
-            }
+            Direction::Forwards => concat!(
+                "SELECT ",
+                columns!(),
+                " FROM _shoal_es_events WHERE stream = ? AND version >= ? ORDER BY version ASC LIMIT ?"
+            ),
+            Direction::Backwards => concat!(
+                "SELECT ",
+                columns!(),
+                " FROM _shoal_es_events WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT ?"
+            ),
         };
         let rows = sqlx::query(sql)
             .bind(stream)
@@ -219,9 +230,11 @@ impl EventStore {
     /// Up to `max` events of every stream, in global order, after position `after`
     /// (0 for the start).
     pub async fn read_all(&self, after: u64, max: usize) -> Result<Vec<RecordedEvent>, Error> {
-        let rows = sqlx::query(
-            "SELECT * FROM _shoal_es_events WHERE position > ? ORDER BY position ASC LIMIT ?",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM _shoal_es_events WHERE position > ? ORDER BY position ASC LIMIT ?"
+        ))
         .bind(after.min(i64::MAX as u64) as i64)
         .bind(max.min(limits::MAX_READ) as i64)
         .fetch_all(&self.inner.pool)
@@ -304,25 +317,29 @@ fn corrupt_row(what: &str, e: impl std::error::Error + Send + Sync + 'static) ->
 }
 
 pub(crate) fn decode_row(r: &SqliteRow, upcasters: &Upcasters) -> Result<RecordedEvent, Error> {
-    let get_i64 = |c: &str| r.try_get::<i64, _>(c).map_err(|e| corrupt_row(c, e));
-    let get_str = |c: &str| r.try_get::<String, _>(c).map_err(|e| corrupt_row(c, e));
-    let event_type = get_str("event_type")?;
+    let get_i64 = |i: usize, c: &str| r.try_get::<i64, _>(i).map_err(|e| corrupt_row(c, e));
+    let get_str = |i: usize, c: &str| r.try_get::<String, _>(i).map_err(|e| corrupt_row(c, e));
+    let event_type = get_str(4, "event_type")?;
     let data: serde_json::Value =
-        serde_json::from_str(&get_str("data")?).map_err(|e| corrupt_row("data", e))?;
-    let metadata: Metadata =
-        serde_json::from_str(&get_str("metadata")?).map_err(|e| corrupt_row("metadata", e))?;
+        serde_json::from_str(&get_str(6, "data")?).map_err(|e| corrupt_row("data", e))?;
+    let raw_metadata = get_str(7, "metadata")?;
+    let metadata: Metadata = if raw_metadata == "{}" {
+        Metadata::default()
+    } else {
+        serde_json::from_str(&raw_metadata).map_err(|e| corrupt_row("metadata", e))?
+    };
     let (type_version, data) =
-        upcasters.upcast(&event_type, get_i64("type_version")? as u32, data)?;
+        upcasters.upcast(&event_type, get_i64(5, "type_version")? as u32, data)?;
     Ok(RecordedEvent {
-        position: get_i64("position")? as u64,
-        stream: get_str("stream")?,
-        version: get_i64("version")? as u64,
-        id: get_str("id")?,
+        position: get_i64(0, "position")? as u64,
+        stream: get_str(1, "stream")?,
+        version: get_i64(2, "version")? as u64,
+        id: get_str(3, "id")?,
         event_type,
         type_version,
         data,
         metadata,
-        recorded_at_ms: get_i64("recorded_at_ms")? as u64,
+        recorded_at_ms: get_i64(8, "recorded_at_ms")? as u64,
     })
 }
 
@@ -402,32 +419,12 @@ async fn commit_group(pool: &SqlitePool, group: &[Write]) -> Vec<Result<Appended
     if let Err(e) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
         return fail_all(&db_err("starting an append transaction")(e));
     }
+    // No savepoints: every check happens before an append writes, and its one
+    // multi-row INSERT either writes all its events or (SQLite undoes a failed
+    // statement) none, so a failed append leaves nothing behind for its neighbours.
     let mut results = Vec::with_capacity(group.len());
     for w in group {
-        let r = async {
-            sqlx::raw_sql("SAVEPOINT append")
-                .execute(&mut *conn)
-                .await
-                .map_err(db_err("starting an append"))?;
-            match append_one(&mut conn, w).await {
-                Ok(a) => {
-                    sqlx::raw_sql("RELEASE append")
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(db_err("finishing an append"))?;
-                    Ok(a)
-                }
-                Err(e) => {
-                    sqlx::raw_sql("ROLLBACK TO append; RELEASE append")
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(db_err("undoing a failed append"))?;
-                    Err(e)
-                }
-            }
-        }
-        .await;
-        results.push(r);
+        results.push(append_one(&mut conn, w).await);
     }
     if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
         let e = db_err("committing appends")(e);
@@ -438,58 +435,46 @@ async fn commit_group(pool: &SqlitePool, group: &[Write]) -> Vec<Result<Appended
 }
 
 async fn append_one(conn: &mut SqliteConnection, w: &Write) -> Result<Appended, Error> {
-    // A retried append (same first event id) answers as before.
-    let prior: Option<(String, i64)> =
-        sqlx::query_as("SELECT stream, version FROM _shoal_es_events WHERE id = ?")
-            .bind(&w.events[0].id)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db_err("checking for a repeated append"))?;
-    if let Some((stream, _)) = prior {
+    // One round trip for every check: the stream's version, and whether the first
+    // and last event ids are stored already (a retried append answers as before).
+    let first_id = &w.events[0].id;
+    let last_id = &w.events[w.events.len() - 1].id;
+    let (current, first_stream, last_at): (i64, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT
+            (SELECT COALESCE(MAX(version), 0) FROM _shoal_es_events WHERE stream = ?1),
+            (SELECT stream FROM _shoal_es_events WHERE id = ?2),
+            (SELECT version || ',' || position FROM _shoal_es_events WHERE id = ?3 AND stream = ?1)",
+    )
+    .bind(&w.stream)
+    .bind(first_id)
+    .bind(last_id)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_err(format!("checking an append to stream {}", w.stream)))?;
+    if let Some(stream) = first_stream {
         if stream != w.stream {
             return Err(Error::new(
                 ErrorKind::Conflict,
                 Origin::Downstream,
-                format!(
-                    "event id {} is already used in stream {stream}",
-                    w.events[0].id
-                ),
+                format!("event id {first_id} is already used in stream {stream}"),
             ));
         }
-        let last_id = &w.events[w.events.len() - 1].id;
-        let done: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT version, position FROM _shoal_es_events WHERE id = ? AND stream = ?",
-        )
-        .bind(last_id)
-        .bind(&w.stream)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db_err("checking for a repeated append"))?;
-        return match done {
-            Some((version, position)) => Ok(Appended {
-                version: version as u64,
-                position: position as u64,
-            }),
+        let parsed = last_at.as_deref().and_then(|s| {
+            let (v, p) = s.split_once(',')?;
+            Some((v.parse::<u64>().ok()?, p.parse::<u64>().ok()?))
+        });
+        return match parsed {
+            Some((version, position)) => Ok(Appended { version, position }),
             None => Err(Error::new(
                 ErrorKind::Conflict,
                 Origin::Downstream,
                 format!(
-                    "stream {}: an append repeats event id {} but not the events that came with it",
-                    w.stream, w.events[0].id
+                    "stream {}: an append repeats event id {first_id} but not the events that came with it",
+                    w.stream
                 ),
             )),
         };
     }
-    let current: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(MAX(version), 0) FROM _shoal_es_events WHERE stream = ?",
-    )
-    .bind(&w.stream)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db_err(format!(
-        "reading the version of stream {}",
-        w.stream
-    )))?;
     let current = current as u64;
     let ok = match w.expected {
         ExpectedVersion::Any => true,
@@ -499,44 +484,54 @@ async fn append_one(conn: &mut SqliteConnection, w: &Write) -> Result<Appended, 
     if !ok {
         return Err(conflict(&w.stream, w.expected, current));
     }
+    // All the append's events in one statement: one round trip to SQLite's thread.
     let now = shoal_core::unix_ms() as i64;
-    let mut position = 0i64;
+    let mut sql = String::from(
+        "INSERT INTO _shoal_es_events
+         (stream, version, id, event_type, type_version, data, metadata, recorded_at_ms) VALUES ",
+    );
+    for i in 0..w.events.len() {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)");
+    }
+    // Built from fixed fragments only; every value is bound.
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
     for (i, e) in w.events.iter().enumerate() {
         let metadata = serde_json::to_string(&e.metadata)
             .map_err(|err| Error::internal("encoding event metadata").with_source(err))?;
-        position = sqlx::query_scalar(
-            "INSERT INTO _shoal_es_events
-             (stream, version, id, event_type, type_version, data, metadata, recorded_at_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING position",
-        )
-        .bind(&w.stream)
-        .bind(current as i64 + i as i64 + 1)
-        .bind(&e.id)
-        .bind(&e.event_type)
-        .bind(e.type_version as i64)
-        .bind(e.data.to_string())
-        .bind(metadata)
-        .bind(now)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|err| {
-            if err
-                .as_database_error()
-                .is_some_and(|d| d.is_unique_violation())
-            {
-                Error::new(
-                    ErrorKind::Conflict,
-                    Origin::Downstream,
-                    format!("stream {}: event id {} is used twice", w.stream, e.id),
-                )
-            } else {
-                db_err(format!("appending to stream {}", w.stream))(err)
-            }
-        })?;
+        q = q
+            .bind(&w.stream)
+            .bind(current as i64 + i as i64 + 1)
+            .bind(&e.id)
+            .bind(&e.event_type)
+            .bind(e.type_version as i64)
+            .bind(e.data.to_string())
+            .bind(metadata)
+            .bind(now);
     }
+    let done = q.execute(&mut *conn).await.map_err(|err| {
+        if err
+            .as_database_error()
+            .is_some_and(|d| d.is_unique_violation())
+        {
+            Error::new(
+                ErrorKind::Conflict,
+                Origin::Downstream,
+                format!(
+                    "stream {}: an event id in this append is used already",
+                    w.stream
+                ),
+            )
+        } else {
+            db_err(format!("appending to stream {}", w.stream))(err)
+        }
+    })?;
+    // One statement's rows take consecutive positions; the last is its last rowid.
     Ok(Appended {
         version: current + w.events.len() as u64,
-        position: position as u64,
+        position: done.last_insert_rowid() as u64,
     })
 }
 

@@ -44,15 +44,22 @@ async fn pool(tag: &str) -> (SqlitePool, PathBuf) {
     (pool, dir)
 }
 
-/// Rows per second inserting `rows` rows, `batch` per transaction, into a bare table.
-async fn plain_inserts(rows: usize, batch: usize) -> f64 {
-    let (pool, dir) = pool("plain").await;
+/// A database with the bare table the floors write and read: the rows' columns and
+/// nothing else (no index besides the row id).
+async fn plain_table(tag: &str) -> (SqlitePool, PathBuf) {
+    let (pool, dir) = pool(tag).await;
     sqlx::raw_sql(
         "CREATE TABLE plain (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, data TEXT NOT NULL)",
     )
     .execute(&pool)
     .await
     .expect("plain table");
+    (pool, dir)
+}
+
+/// Rows per second inserting `rows` rows, `batch` per transaction, into a bare table.
+async fn plain_inserts(rows: usize, batch: usize) -> f64 {
+    let (pool, dir) = plain_table("plain").await;
     let data = payload().to_string();
     let start = Instant::now();
     let mut done = 0;
@@ -81,13 +88,7 @@ async fn plain_inserts(rows: usize, batch: usize) -> f64 {
 
 /// Rows per second reading a bare table of `rows` rows in pages of 1,000.
 async fn plain_reads(rows: usize) -> f64 {
-    let (pool, dir) = pool("plain-read").await;
-    sqlx::raw_sql(
-        "CREATE TABLE plain (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, data TEXT NOT NULL)",
-    )
-    .execute(&pool)
-    .await
-    .expect("plain table");
+    let (pool, dir) = plain_table("plain-read").await;
     let data = payload().to_string();
     let mut tx = pool.begin().await.expect("begin");
     for i in 0..rows {

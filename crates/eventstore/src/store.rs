@@ -83,8 +83,17 @@ impl Drop for Inner {
 struct Write {
     stream: String,
     expected: ExpectedVersion,
-    events: Vec<NewEvent>,
+    events: Vec<Encoded>,
     reply: oneshot::Sender<Result<Appended, Error>>,
+}
+
+/// An event checked and serialized once, as it will be stored.
+struct Encoded {
+    id: String,
+    event_type: String,
+    type_version: u32,
+    data: String,
+    metadata: String,
 }
 
 /// A stream's snapshot: state as of a version.
@@ -164,7 +173,7 @@ impl EventStore {
         events: Vec<NewEvent>,
     ) -> Result<Appended, Error> {
         validate_stream_id(stream)?;
-        validate_events(&events)?;
+        let events = encode_events(events)?;
         let (reply, answer) = oneshot::channel();
         self.inner
             .writes
@@ -343,7 +352,8 @@ pub(crate) fn decode_row(r: &SqliteRow, upcasters: &Upcasters) -> Result<Recorde
     })
 }
 
-fn validate_events(events: &[NewEvent]) -> Result<(), Error> {
+/// Check every event and serialize it once, as it will be stored.
+fn encode_events(events: Vec<NewEvent>) -> Result<Vec<Encoded>, Error> {
     let bad = |msg: String| Err(Error::new(ErrorKind::InvalidInput, Origin::Downstream, msg));
     if events.is_empty() || events.len() > limits::MAX_EVENTS_PER_APPEND {
         return bad(format!(
@@ -352,6 +362,7 @@ fn validate_events(events: &[NewEvent]) -> Result<(), Error> {
             events.len()
         ));
     }
+    let mut out = Vec::with_capacity(events.len());
     for e in events {
         if e.event_type.is_empty()
             || e.event_type.len() > limits::MAX_EVENT_TYPE_LEN
@@ -362,10 +373,10 @@ fn validate_events(events: &[NewEvent]) -> Result<(), Error> {
         if e.id.is_empty() || e.id.len() > 200 {
             return bad(format!("event id {:?} must be 1 to 200 characters", e.id));
         }
-        let size = e.data.to_string().len()
-            + serde_json::to_string(&e.metadata)
-                .map(|s| s.len())
-                .unwrap_or(0);
+        let data = e.data.to_string();
+        // Metadata is strings in maps: encoding cannot fail.
+        let metadata = serde_json::to_string(&e.metadata).unwrap_or_else(|_| "{}".to_string());
+        let size = data.len() + metadata.len();
         if size > limits::MAX_EVENT_BYTES {
             return bad(format!(
                 "event {} is {size} bytes; the limit is {}",
@@ -373,8 +384,15 @@ fn validate_events(events: &[NewEvent]) -> Result<(), Error> {
                 limits::MAX_EVENT_BYTES
             ));
         }
+        out.push(Encoded {
+            id: e.id,
+            event_type: e.event_type,
+            type_version: e.type_version,
+            data,
+            metadata,
+        });
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The writer: group commit of whatever appends are waiting.
@@ -419,13 +437,25 @@ async fn commit_group(pool: &SqlitePool, group: &[Write]) -> Vec<Result<Appended
     if let Err(e) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
         return fail_all(&db_err("starting an append transaction")(e));
     }
-    // No savepoints: every check happens before an append writes, and its one
-    // multi-row INSERT either writes all its events or (SQLite undoes a failed
-    // statement) none, so a failed append leaves nothing behind for its neighbours.
-    let mut results = Vec::with_capacity(group.len());
-    for w in group {
-        results.push(append_one(&mut conn, w).await);
-    }
+    let results = match append_group(&mut conn, group).await {
+        Ok(results) => results,
+        Err(GroupError::Fatal(e)) => {
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            return fail_all(&e);
+        }
+        // The group's insert was refused as a whole (an event id used twice) and
+        // undone: append one by one so only the offending append fails. No
+        // savepoints are needed here: every check happens before an append writes,
+        // and its one INSERT writes all its events or (SQLite undoes a failed
+        // statement) none.
+        Err(GroupError::OneByOne) => {
+            let mut results = Vec::with_capacity(group.len());
+            for w in group {
+                results.push(append_one(&mut conn, w).await);
+            }
+            results
+        }
+    };
     if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
         let e = db_err("committing appends")(e);
         let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
@@ -434,47 +464,278 @@ async fn commit_group(pool: &SqlitePool, group: &[Write]) -> Vec<Result<Appended
     results
 }
 
+enum GroupError {
+    Fatal(Error),
+    OneByOne,
+}
+
+/// Rows per INSERT statement: 8 values each, under SQLite's 32,766 variables. Tests
+/// use a tiny one so that groups of several statements (and their savepoint) are
+/// exercised by every larger append.
+const ROWS_PER_INSERT: usize = if cfg!(test) { 3 } else { 4_000 };
+
+/// The whole group in a few statements: one query for the streams' versions, one
+/// for repeated appends, then every accepted event in one INSERT (a few for a very
+/// large group). With sqlx every statement is a round trip to SQLite's thread, so
+/// the group costs about as much as one append.
+async fn append_group(
+    conn: &mut SqliteConnection,
+    group: &[Write],
+) -> Result<Vec<Result<Appended, Error>>, GroupError> {
+    use std::collections::HashMap;
+    let fatal = |what: &'static str| move |e: sqlx::Error| GroupError::Fatal(db_err(what)(e));
+
+    // One query for the versions of the group's streams (kind 0) and the appends
+    // whose first or last event is stored already (kind 1: retries).
+    let mut streams: Vec<&str> = group.iter().map(|w| w.stream.as_str()).collect();
+    streams.sort_unstable();
+    streams.dedup();
+    let ids: Vec<&str> = group
+        .iter()
+        .flat_map(|w| {
+            [
+                w.events[0].id.as_str(),
+                w.events[w.events.len() - 1].id.as_str(),
+            ]
+        })
+        .collect();
+    // One sub-select per stream: SQLite answers `MAX(version)` for one stream from
+    // the end of the (stream, version) index, where a GROUP BY over an IN list would
+    // walk every event of every stream in it.
+    let mut sql = String::new();
+    for _ in &streams {
+        sql.push_str(
+            "SELECT 0, ?, '', (SELECT COALESCE(MAX(version), 0) FROM _shoal_es_events WHERE stream = ?), 0 UNION ALL ",
+        );
+    }
+    sql.push_str(&format!(
+        "SELECT 1, id, stream, version, position FROM _shoal_es_events WHERE id IN ({})",
+        vec!["?"; ids.len()].join(",")
+    ));
+    let mut q = sqlx::query_as::<_, (i64, String, String, i64, i64)>(sqlx::AssertSqlSafe(sql));
+    for st in &streams {
+        q = q.bind(*st).bind(*st);
+    }
+    for id in &ids {
+        q = q.bind(*id);
+    }
+    let mut versions: HashMap<String, u64> = HashMap::new();
+    let mut stored: HashMap<String, (String, u64, u64)> = HashMap::new();
+    for (kind, key, stream, version, position) in q
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(fatal("checking the group's appends"))?
+    {
+        if kind == 0 {
+            versions.insert(key, version as u64);
+        } else {
+            stored.insert(key, (stream, version as u64, position as u64));
+        }
+    }
+
+    // Decide each append in order, as if appended one by one.
+    enum Plan {
+        Done(Result<Appended, Error>),
+        Insert { version: u64, rows_before: usize },
+        SameAs(usize),
+    }
+    let mut plans = Vec::with_capacity(group.len());
+    let mut rows = 0usize;
+    let mut first_ids: HashMap<&str, usize> = HashMap::new();
+    for (i, w) in group.iter().enumerate() {
+        let first_id = w.events[0].id.as_str();
+        if let Some((stream, _, _)) = stored.get(first_id) {
+            let last = stored.get(w.events[w.events.len() - 1].id.as_str());
+            plans.push(Plan::Done(repeated(w, stream, last)));
+            continue;
+        }
+        if let Some(&j) = first_ids.get(first_id) {
+            plans.push(Plan::SameAs(j));
+            continue;
+        }
+        let current = versions.get(&w.stream).copied().unwrap_or(0);
+        let ok = match w.expected {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => current == 0,
+            ExpectedVersion::Exact(v) => current == v,
+        };
+        if !ok {
+            plans.push(Plan::Done(Err(conflict(&w.stream, w.expected, current))));
+            continue;
+        }
+        versions.insert(w.stream.clone(), current + w.events.len() as u64);
+        first_ids.insert(first_id, i);
+        plans.push(Plan::Insert {
+            version: current,
+            rows_before: rows,
+        });
+        rows += w.events.len();
+    }
+
+    // Every accepted event, in order; positions follow one another.
+    let mut first_position = 0u64;
+    if rows > 0 {
+        // One statement is undone by SQLite itself when it fails; several need a
+        // savepoint to be undone together.
+        let several = rows > ROWS_PER_INSERT;
+        if several {
+            sqlx::raw_sql("SAVEPOINT group_insert")
+                .execute(&mut *conn)
+                .await
+                .map_err(fatal("starting the group's insert"))?;
+        }
+        let now = shoal_core::unix_ms() as i64;
+        let mut pending: Vec<(&Write, u64, &Encoded, u64)> = Vec::with_capacity(rows);
+        for (w, plan) in group.iter().zip(&plans) {
+            if let Plan::Insert { version, .. } = plan {
+                for (k, e) in w.events.iter().enumerate() {
+                    pending.push((w, *version, e, k as u64 + 1));
+                }
+            }
+        }
+        let mut last_position = 0i64;
+        for chunk in pending.chunks(ROWS_PER_INSERT) {
+            match insert_rows(conn, chunk, now).await {
+                Ok(p) => last_position = p,
+                Err(e)
+                    if e.as_database_error()
+                        .is_some_and(|d| d.is_unique_violation()) =>
+                {
+                    if several {
+                        sqlx::raw_sql("ROLLBACK TO group_insert; RELEASE group_insert")
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(fatal("undoing the group's insert"))?;
+                    }
+                    return Err(GroupError::OneByOne);
+                }
+                Err(e) => return Err(fatal("appending events")(e)),
+            }
+        }
+        if several {
+            sqlx::raw_sql("RELEASE group_insert")
+                .execute(&mut *conn)
+                .await
+                .map_err(fatal("finishing the group's insert"))?;
+        }
+        first_position = last_position as u64 + 1 - rows as u64;
+    }
+
+    let mut results: Vec<Result<Appended, Error>> = Vec::with_capacity(group.len());
+    for (w, plan) in group.iter().zip(plans) {
+        let r = match plan {
+            Plan::Done(r) => r,
+            Plan::Insert {
+                version,
+                rows_before,
+            } => Ok(Appended {
+                version: version + w.events.len() as u64,
+                position: first_position + (rows_before + w.events.len()) as u64 - 1,
+            }),
+            Plan::SameAs(j) => match &results[j] {
+                Ok(a) => Ok(*a),
+                Err(e) => Err(Error::new(e.kind(), e.origin(), e.to_string())),
+            },
+        };
+        results.push(r);
+    }
+    Ok(results)
+}
+
+/// Insert rows (append, its base version, event, offset in the append) in one
+/// statement; the position of the last row.
+async fn insert_rows(
+    conn: &mut SqliteConnection,
+    rows: &[(&Write, u64, &Encoded, u64)],
+    now: i64,
+) -> Result<i64, sqlx::Error> {
+    let mut sql = String::from(
+        "INSERT INTO _shoal_es_events
+         (stream, version, id, event_type, type_version, data, metadata, recorded_at_ms) VALUES ",
+    );
+    for i in 0..rows.len() {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)");
+    }
+    // Built from fixed fragments only; every value is bound.
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (w, base, e, k) in rows {
+        q = q
+            .bind(&w.stream)
+            .bind((base + k) as i64)
+            .bind(&e.id)
+            .bind(&e.event_type)
+            .bind(e.type_version as i64)
+            .bind(&e.data)
+            .bind(&e.metadata)
+            .bind(now);
+    }
+    Ok(q.execute(&mut *conn).await?.last_insert_rowid())
+}
+
+/// The answer to an append whose first event is stored already: the same answer
+/// as the first time when it is the same append, a conflict otherwise.
+fn repeated(w: &Write, stream: &str, last: Option<&(String, u64, u64)>) -> Result<Appended, Error> {
+    if stream != w.stream {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            Origin::Downstream,
+            format!(
+                "event id {} is already used in stream {stream}",
+                w.events[0].id
+            ),
+        ));
+    }
+    match last {
+        Some((s, version, position)) if *s == w.stream => Ok(Appended {
+            version: *version,
+            position: *position,
+        }),
+        _ => Err(Error::new(
+            ErrorKind::Conflict,
+            Origin::Downstream,
+            format!(
+                "stream {}: an append repeats event id {} but not the events that came with it",
+                w.stream, w.events[0].id
+            ),
+        )),
+    }
+}
+
+/// One append alone (after its group was refused): the same decisions as
+/// [`append_group`], in as few statements as one append allows.
 async fn append_one(conn: &mut SqliteConnection, w: &Write) -> Result<Appended, Error> {
-    // One round trip for every check: the stream's version, and whether the first
-    // and last event ids are stored already (a retried append answers as before).
-    let first_id = &w.events[0].id;
-    let last_id = &w.events[w.events.len() - 1].id;
-    let (current, first_stream, last_at): (i64, Option<String>, Option<String>) = sqlx::query_as(
-        "SELECT
-            (SELECT COALESCE(MAX(version), 0) FROM _shoal_es_events WHERE stream = ?1),
-            (SELECT stream FROM _shoal_es_events WHERE id = ?2),
-            (SELECT version || ',' || position FROM _shoal_es_events WHERE id = ?3 AND stream = ?1)",
+    let first_id = w.events[0].id.as_str();
+    let last_id = w.events[w.events.len() - 1].id.as_str();
+    let stored: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT id, stream, version, position FROM _shoal_es_events WHERE id IN (?, ?)",
     )
-    .bind(&w.stream)
     .bind(first_id)
     .bind(last_id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_err("checking for a repeated append"))?;
+    let find = |id: &str| {
+        stored
+            .iter()
+            .find(|r| r.0 == id)
+            .map(|r| (r.1.clone(), r.2 as u64, r.3 as u64))
+    };
+    if let Some((stream, _, _)) = find(first_id) {
+        return repeated(w, &stream, find(last_id).as_ref());
+    }
+    let current: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(MAX(version), 0) FROM _shoal_es_events WHERE stream = ?",
+    )
+    .bind(&w.stream)
     .fetch_one(&mut *conn)
     .await
-    .map_err(db_err(format!("checking an append to stream {}", w.stream)))?;
-    if let Some(stream) = first_stream {
-        if stream != w.stream {
-            return Err(Error::new(
-                ErrorKind::Conflict,
-                Origin::Downstream,
-                format!("event id {first_id} is already used in stream {stream}"),
-            ));
-        }
-        let parsed = last_at.as_deref().and_then(|s| {
-            let (v, p) = s.split_once(',')?;
-            Some((v.parse::<u64>().ok()?, p.parse::<u64>().ok()?))
-        });
-        return match parsed {
-            Some((version, position)) => Ok(Appended { version, position }),
-            None => Err(Error::new(
-                ErrorKind::Conflict,
-                Origin::Downstream,
-                format!(
-                    "stream {}: an append repeats event id {first_id} but not the events that came with it",
-                    w.stream
-                ),
-            )),
-        };
-    }
+    .map_err(db_err(format!(
+        "reading the version of stream {}",
+        w.stream
+    )))?;
     let current = current as u64;
     let ok = match w.expected {
         ExpectedVersion::Any => true,
@@ -484,54 +745,34 @@ async fn append_one(conn: &mut SqliteConnection, w: &Write) -> Result<Appended, 
     if !ok {
         return Err(conflict(&w.stream, w.expected, current));
     }
-    // All the append's events in one statement: one round trip to SQLite's thread.
-    let now = shoal_core::unix_ms() as i64;
-    let mut sql = String::from(
-        "INSERT INTO _shoal_es_events
-         (stream, version, id, event_type, type_version, data, metadata, recorded_at_ms) VALUES ",
-    );
-    for i in 0..w.events.len() {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)");
-    }
-    // Built from fixed fragments only; every value is bound.
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for (i, e) in w.events.iter().enumerate() {
-        let metadata = serde_json::to_string(&e.metadata)
-            .map_err(|err| Error::internal("encoding event metadata").with_source(err))?;
-        q = q
-            .bind(&w.stream)
-            .bind(current as i64 + i as i64 + 1)
-            .bind(&e.id)
-            .bind(&e.event_type)
-            .bind(e.type_version as i64)
-            .bind(e.data.to_string())
-            .bind(metadata)
-            .bind(now);
-    }
-    let done = q.execute(&mut *conn).await.map_err(|err| {
-        if err
-            .as_database_error()
-            .is_some_and(|d| d.is_unique_violation())
-        {
-            Error::new(
-                ErrorKind::Conflict,
-                Origin::Downstream,
-                format!(
-                    "stream {}: an event id in this append is used already",
-                    w.stream
-                ),
-            )
-        } else {
-            db_err(format!("appending to stream {}", w.stream))(err)
-        }
-    })?;
-    // One statement's rows take consecutive positions; the last is its last rowid.
+    let rows: Vec<_> = w
+        .events
+        .iter()
+        .enumerate()
+        .map(|(k, e)| (w, current, e, k as u64 + 1))
+        .collect();
+    let position = insert_rows(conn, &rows, shoal_core::unix_ms() as i64)
+        .await
+        .map_err(|err| {
+            if err
+                .as_database_error()
+                .is_some_and(|d| d.is_unique_violation())
+            {
+                Error::new(
+                    ErrorKind::Conflict,
+                    Origin::Downstream,
+                    format!(
+                        "stream {}: an event id in this append is used already",
+                        w.stream
+                    ),
+                )
+            } else {
+                db_err(format!("appending to stream {}", w.stream))(err)
+            }
+        })?;
     Ok(Appended {
         version: current + w.events.len() as u64,
-        position: done.last_insert_rowid() as u64,
+        position: position as u64,
     })
 }
 

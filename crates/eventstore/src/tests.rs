@@ -181,6 +181,96 @@ async fn a_repeated_append_is_recognised_and_writes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Conflict);
+    // An id reused further into an append: refused whole, the rest of the store
+    // untouched, and appends committed with it in one group still land.
+    let reuse = vec![ev("Z", 1), events[1].clone()];
+    let others: Vec<_> = (0..4)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.append("c", ExpectedVersion::Any, vec![ev("C", i)]).await })
+        })
+        .collect();
+    let e = s
+        .append("b", ExpectedVersion::Any, reuse)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e:?}");
+    for o in others {
+        o.await.unwrap().unwrap();
+    }
+    assert_eq!(s.stream_version("b").await.unwrap(), 0);
+    assert_eq!(s.stream_version("c").await.unwrap(), 4);
+    let all = s.read_all(0, 100).await.unwrap();
+    assert!(all
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.position == i as u64 + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_grouped_into_one_commit_are_each_decided_as_if_alone() {
+    let s = fresh().await;
+    s.append("g", ExpectedVersion::NoStream, vec![ev("E", 0)])
+        .await
+        .unwrap();
+    // Many appends at once, expecting version 1 of the same stream: one wins;
+    // appends to other streams all land; a repeat of the winner answers as it did.
+    let same = ev("E", 1);
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let s = s.clone();
+            let same = same.clone();
+            tokio::spawn(async move {
+                let r = match i % 4 {
+                    0 => {
+                        s.append("g", ExpectedVersion::Exact(1), vec![ev("E", i)])
+                            .await
+                    }
+                    1 => s.append("g", ExpectedVersion::Exact(1), vec![same]).await,
+                    _ => s
+                        .append(
+                            &format!("o-{i}"),
+                            ExpectedVersion::NoStream,
+                            vec![ev("E", i), ev("E", i)],
+                        )
+                        .await
+                        .map(|_| Appended {
+                            version: 0,
+                            position: 0,
+                        }),
+                };
+                (i % 4 < 2, r)
+            })
+        })
+        .collect();
+    let mut wins_on_g = std::collections::HashSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (true, Ok(a)) => {
+                wins_on_g.insert(a);
+            }
+            (true, Err(e)) => assert_eq!(e.kind(), ErrorKind::Conflict),
+            (false, r) => {
+                r.unwrap();
+            }
+        }
+    }
+    assert_eq!(s.stream_version("g").await.unwrap(), 2);
+    // Every success that put version 2 on "g" reports the same append.
+    assert_eq!(wins_on_g.len(), 1, "{wins_on_g:?}");
+    let all = s.read_all(0, 1_000).await.unwrap();
+    assert_eq!(all.len(), 1 + 1 + 16 * 2);
+    assert!(all
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.position == i as u64 + 1));
+    for e in &all {
+        let v = s
+            .read_stream(&e.stream, e.version, Direction::Forwards, 1)
+            .await
+            .unwrap();
+        assert_eq!(v[0].position, e.position);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,7 +131,7 @@ impl RecordedEvent {
 }
 
 /// What an append did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Appended {
     /// The stream's version after the append.
     pub version: u64,

@@ -9,12 +9,15 @@
 //! - [`Aggregate`]: load (snapshot plus later events), decide, append, and decide
 //!   again on a conflict;
 //! - [`ProjectionRunner`]: read models fed from the global order, checkpointed in the
-//!   same transaction as each change, rebuildable from zero.
+//!   same transaction as each change, rebuildable from zero;
+//! - [`ReadThrough`]: a bounded in-process cache for another service's reference
+//!   data, with a time to live and invalidation by that service's events.
 //!
 //! It lives in the service's own SQLite database (a PostgreSQL backend is the next
 //! step), in tables prefixed `_shoal_es_`.
 
 mod aggregate;
+mod cache;
 mod projection;
 mod store;
 mod types;
@@ -24,6 +27,7 @@ mod upcast;
 mod tests;
 
 pub use aggregate::{stream_of, Aggregate, Loaded, MAX_CONFLICT_RETRIES};
+pub use cache::{Invalidator, ReadThrough};
 pub use projection::{Projection, ProjectionFuture, ProjectionRunner};
 pub use store::{EventStore, Snapshot, Subscription};
 pub use types::{

@@ -5,7 +5,11 @@
 
 use crate::store::{db_err, EventStore};
 use crate::types::RecordedEvent;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use shoal_core::Error;
+use shoal_telemetry::Metrics;
 use sqlx::sqlite::SqliteConnection;
 use std::future::Future;
 use std::pin::Pin;
@@ -54,6 +58,15 @@ pub struct ProjectionRunner {
     store: EventStore,
     projection: Arc<dyn Projection>,
     batch: usize,
+    metrics: Option<RunnerMetrics>,
+}
+
+/// `shoal_eventstore_projection_lag{projection}` and
+/// `shoal_eventstore_projection_applied_total{projection}`.
+#[derive(Clone)]
+struct RunnerMetrics {
+    lag: Gauge,
+    applied: Counter,
 }
 
 impl ProjectionRunner {
@@ -63,7 +76,30 @@ impl ProjectionRunner {
             store,
             projection,
             batch: batch.clamp(1, crate::types::limits::MAX_READ),
+            metrics: None,
         }
+    }
+
+    /// Report lag and events applied in `metrics` (kept current by [`Self::run`]).
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        let labels = vec![("projection", self.projection.name().to_string())];
+        let lag: Family<Vec<(&'static str, String)>, Gauge> = Family::default();
+        let applied: Family<Vec<(&'static str, String)>, Counter> = Family::default();
+        metrics.register(
+            "shoal_eventstore_projection_lag",
+            "Events committed that a projection has not applied yet",
+            lag.clone(),
+        );
+        metrics.register(
+            "shoal_eventstore_projection_applied",
+            "Events a projection has applied",
+            applied.clone(),
+        );
+        self.metrics = Some(RunnerMetrics {
+            lag: lag.get_or_create(&labels).clone(),
+            applied: applied.get_or_create(&labels).clone(),
+        });
+        self
     }
 
     /// The position of the last event applied.
@@ -165,7 +201,14 @@ impl ProjectionRunner {
         let mut head = self.store.head_watch();
         loop {
             match self.catch_up().await {
-                Ok(_) => {}
+                Ok(applied) => {
+                    if let Some(m) = &self.metrics {
+                        m.applied.inc_by(applied);
+                        if let Ok(lag) = self.lag().await {
+                            m.lag.set(lag as i64);
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(projection = self.projection.name(), error = %e, "projection batch failed; retrying");
                 }

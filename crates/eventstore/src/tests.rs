@@ -660,3 +660,80 @@ async fn a_projection_cut_off_mid_batch_applies_nothing_twice_and_rebuilds_the_s
     let streams: HashSet<_> = incremental.iter().map(|(s, _)| s.clone()).collect();
     assert_eq!(streams.len(), 3);
 }
+
+#[tokio::test]
+async fn a_cache_forgets_what_an_event_says_changed() {
+    let s = fresh().await;
+    let cache: ReadThrough<String, i64> =
+        ReadThrough::new(std::time::Duration::from_secs(3600), 100);
+    let _follow = cache.invalidate_on(&s, |e| Some(e.stream.clone()));
+    cache
+        .get_or_load("price-p1".to_string(), || async { Ok(100) })
+        .await
+        .unwrap();
+    cache
+        .get_or_load("price-p2".to_string(), || async { Ok(200) })
+        .await
+        .unwrap();
+    s.append(
+        "price-p1",
+        ExpectedVersion::Any,
+        vec![ev("PriceChanged", 120)],
+    )
+    .await
+    .unwrap();
+    let forgotten = async {
+        while cache.get(&"price-p1".to_string()).is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), forgotten)
+        .await
+        .expect("the event invalidates the entry");
+    assert_eq!(cache.get(&"price-p2".to_string()), Some(200));
+}
+
+#[tokio::test]
+async fn a_running_projection_keeps_up_and_reports_its_lag() {
+    let s = fresh().await;
+    sqlx::query("CREATE TABLE per_stream (stream TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    let metrics = shoal_telemetry::Metrics::new("test");
+    let runner = ProjectionRunner::new(
+        s.clone(),
+        Arc::new(PerStream {
+            stall_at: None,
+            stalled: Arc::new(tokio::sync::Notify::new()),
+        }),
+        100,
+    )
+    .with_metrics(&metrics);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(runner.clone().run(async {
+        let _ = stopped.await;
+    }));
+    for i in 0..5 {
+        s.append("live", ExpectedVersion::Any, vec![ev("E", i)])
+            .await
+            .unwrap();
+    }
+    let caught_up = async {
+        while runner.checkpoint().await.unwrap() < 5 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), caught_up)
+        .await
+        .expect("the live runner applies new events");
+    assert_eq!(read_model(&s).await, vec![("live".to_string(), 5)]);
+    let text = metrics.render();
+    assert!(
+        text.contains("shoal_eventstore_projection_applied_total{"),
+        "{text}"
+    );
+    assert!(text.contains("shoal_eventstore_projection_lag{"), "{text}");
+    let _ = stop.send(());
+    running.await.unwrap();
+}

@@ -59,6 +59,9 @@ pub struct ProjectionRunner {
     projection: Arc<dyn Projection>,
     batch: usize,
     metrics: Option<RunnerMetrics>,
+    /// The checkpoint this runner last committed: saves reading it back before
+    /// every batch. The conditional update still checks it against the table.
+    known: Arc<std::sync::Mutex<Option<u64>>>,
 }
 
 /// `shoal_eventstore_projection_lag{projection}` and
@@ -77,6 +80,7 @@ impl ProjectionRunner {
             projection,
             batch: batch.clamp(1, crate::types::limits::MAX_READ),
             metrics: None,
+            known: Arc::default(),
         }
     }
 
@@ -131,8 +135,16 @@ impl ProjectionRunner {
     }
 
     /// Apply one batch in one transaction with its checkpoint.
+    fn remember(&self, position: Option<u64>) {
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) = position;
+    }
+
     async fn step(&self) -> Result<u64, Error> {
-        let from = self.checkpoint().await?;
+        let known = *self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let from = match known {
+            Some(p) => p,
+            None => self.checkpoint().await?,
+        };
         let events = self.store.read_all(from, self.batch).await?;
         let Some(last) = events.last().map(|e| e.position) else {
             return Ok(0);
@@ -158,6 +170,7 @@ impl ProjectionRunner {
         .await
         .map_err(db_err("saving a projection checkpoint"))?;
         if moved.rows_affected() != 1 {
+            self.remember(None);
             return Err(Error::new(
                 shoal_core::ErrorKind::Conflict,
                 shoal_core::Origin::Internal,
@@ -167,9 +180,11 @@ impl ProjectionRunner {
                 ),
             ));
         }
-        tx.commit()
-            .await
-            .map_err(db_err("committing a projection batch"))?;
+        if let Err(e) = tx.commit().await {
+            self.remember(None);
+            return Err(db_err("committing a projection batch")(e));
+        }
+        self.remember(Some(last));
         Ok(events.len() as u64)
     }
 
@@ -191,6 +206,7 @@ impl ProjectionRunner {
         tx.commit()
             .await
             .map_err(db_err("committing a projection reset"))?;
+        self.remember(Some(0));
         self.catch_up().await
     }
 

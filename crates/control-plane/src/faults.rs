@@ -264,17 +264,12 @@ impl FaultTable {
         wait: Duration,
         service: Option<&str>,
     ) -> FaultList {
-        let mut rx = self.inner.changes.subscribe();
-        let deadline = Instant::now() + wait.min(Duration::from_millis(MAX_WAIT_MS));
-        loop {
-            if *rx.borrow_and_update() != index {
-                break;
-            }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => break,
-            }
-        }
+        shoal_core::longpoll::wait_for_change(
+            self.inner.changes.subscribe(),
+            index,
+            wait.min(Duration::from_millis(MAX_WAIT_MS)),
+        )
+        .await;
         self.list(service)
     }
 

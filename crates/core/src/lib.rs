@@ -11,6 +11,7 @@
 //! - [`trace`]: W3C trace context (`traceparent`);
 //! - [`deadline`]: deadlines that travel with a request (`x-shoal-deadline-ms`);
 //! - [`headers`]: the header names shoal reads and writes;
+//! - [`longpoll`]: the wait behind every watch API;
 //! - [`shutdown`]: waiting for SIGTERM or SIGINT.
 //!
 //! This crate changes rarely; it holds contracts, not machinery.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod deadline;
 mod error;
 pub mod headers;
+pub mod longpoll;
 pub mod names;
 pub mod registry;
 pub mod resilience;

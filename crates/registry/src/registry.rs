@@ -286,17 +286,12 @@ impl Registry {
     /// A client passes the last index it saw. An index other than the current one
     /// (older, or from before a restart) answers at once.
     pub async fn wait_for_change(&self, index: u64, wait: Duration) -> Catalog {
-        let mut rx = self.inner.changes.subscribe();
-        let deadline = Instant::now() + wait.min(Duration::from_millis(self.inner.cfg.max_wait_ms));
-        loop {
-            if *rx.borrow_and_update() != index {
-                break;
-            }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => break,
-            }
-        }
+        shoal_core::longpoll::wait_for_change(
+            self.inner.changes.subscribe(),
+            index,
+            wait.min(Duration::from_millis(self.inner.cfg.max_wait_ms)),
+        )
+        .await;
         self.catalog()
     }
 

@@ -3,6 +3,7 @@ use axum::extract::FromRequestParts;
 use http::request::Parts;
 use shoal_core::ApiError;
 use shoal_discovery::{Caller, Discovery, ServiceClient};
+use shoal_eventstore::EventStore;
 use shoal_telemetry::Metrics;
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ pub(crate) struct CtxInner {
     pub(crate) version: String,
     pub(crate) instance_id: String,
     pub(crate) db: Option<Db>,
+    pub(crate) events: Option<EventStore>,
     pub(crate) caller: Caller,
     pub(crate) metrics: Metrics,
     pub(crate) config: ServiceConfig,
@@ -32,6 +34,21 @@ impl Ctx {
             Some(db) => db,
             None => panic!(
                 "service {} has no database: call Service::database",
+                self.0.name
+            ),
+        }
+    }
+
+    /// The service's event store.
+    ///
+    /// # Panics
+    /// If the service was built without [`crate::Service::event_store`]: a
+    /// programming error, found by the first request of any test.
+    pub fn events(&self) -> &EventStore {
+        match &self.0.events {
+            Some(store) => store,
+            None => panic!(
+                "service {} has no event store: call Service::event_store",
                 self.0.name
             ),
         }

@@ -42,6 +42,10 @@ pub use shoal_core::{ApiError, Error, ErrorKind, Origin};
 pub use shoal_discovery::{ClientResponse, ServiceClient, Strategy};
 pub use shoal_telemetry::{Metrics, RequestContext};
 
+/// Event sourcing and CQRS: the event store, aggregates, projections, the
+/// read-through cache (`Service::event_store`, `Ctx::events`).
+pub use shoal_eventstore as events;
+
 /// Resilience policies and fallbacks (`shoal::resilience::with_fallback`,
 /// `LastGood`); the service client applies the configured policies by itself.
 pub use shoal_resilience as resilience;

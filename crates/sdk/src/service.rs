@@ -7,6 +7,7 @@ use http::HeaderValue;
 use shoal_core::registry::Registration;
 use shoal_core::Error;
 use shoal_discovery::{Balancer, Caller, Discovery, FaultWatch, Lease, RegistryClient};
+use shoal_eventstore::{EventStore, Projection, ProjectionRunner, Upcasters};
 use shoal_resilience::fault::FaultInjector;
 use shoal_resilience::Resilience;
 use shoal_telemetry::http::ServerTelemetry;
@@ -30,6 +31,8 @@ pub struct Service {
     checks: Vec<(String, Check)>,
     config_file: Option<PathBuf>,
     env: Option<Vec<(String, String)>>,
+    event_store: Option<Upcasters>,
+    projections: Vec<Arc<dyn Projection>>,
 }
 
 impl Service {
@@ -43,6 +46,8 @@ impl Service {
             checks: Vec::new(),
             config_file: None,
             env: None,
+            event_store: None,
+            projections: Vec::new(),
         }
     }
 
@@ -62,6 +67,21 @@ impl Service {
                 |ctx: Ctx| async move { ctx.db().ping().await.map_err(|e| e.to_string()) },
             ),
         ));
+        self
+    }
+
+    /// Keep state as events: an event store in the service's database (which
+    /// [`Service::database`] gives it), reached with [`Ctx::events`]. `upcasters`
+    /// bring old event shapes up to date when read.
+    pub fn event_store(mut self, upcasters: Upcasters) -> Self {
+        self.event_store = Some(upcasters);
+        self
+    }
+
+    /// Keep a read model from the event store: the projection runs in the
+    /// background from start to shutdown, its lag in the service's metrics.
+    pub fn projection(mut self, projection: Arc<dyn Projection>) -> Self {
+        self.projections.push(projection);
         self
     }
 
@@ -186,6 +206,23 @@ impl Service {
             None => None,
         };
 
+        if self.event_store.is_some() && db.is_none() {
+            return Err(Error::config(
+                "an event store lives in the service's database: call Service::database",
+            ));
+        }
+        if !self.projections.is_empty() && self.event_store.is_none() {
+            return Err(Error::config(
+                "projections read the event store: call Service::event_store",
+            ));
+        }
+        let events = match (self.event_store, &db) {
+            (Some(upcasters), Some(db)) => {
+                Some(EventStore::open(db.pool().clone(), upcasters).await?)
+            }
+            _ => None,
+        };
+
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| {
@@ -222,10 +259,27 @@ impl Service {
             version: version.clone(),
             instance_id: instance_id.clone(),
             db,
+            events: events.clone(),
             caller,
             metrics: metrics.clone(),
             config: cfg.clone(),
         }));
+        let (projections_stop, projections_stopped) = tokio::sync::watch::channel(false);
+        let projections: Vec<JoinHandle<()>> = match &events {
+            Some(store) => self
+                .projections
+                .into_iter()
+                .map(|p| {
+                    let runner =
+                        ProjectionRunner::new(store.clone(), p, 1_000).with_metrics(&metrics);
+                    let mut stopped = projections_stopped.clone();
+                    tokio::spawn(runner.run(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    }))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
 
         let draining = Arc::new(AtomicBool::new(false));
         let health = Health {
@@ -298,6 +352,8 @@ impl Service {
             lease,
             draining,
             _fault_watch: fault_watch,
+            projections,
+            projections_stop,
             stop: Some(stop_tx),
             server: Some(server),
             grace: Duration::from_millis(cfg.deregister_grace_ms),
@@ -313,6 +369,8 @@ pub struct RunningService {
     lease: Option<Lease>,
     draining: Arc<AtomicBool>,
     _fault_watch: Option<FaultWatch>,
+    projections: Vec<JoinHandle<()>>,
+    projections_stop: tokio::sync::watch::Sender<bool>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
     grace: Duration,
@@ -360,12 +418,26 @@ impl RunningService {
                 }
             }
         }
+        self.stop_projections().await;
         Ok(())
+    }
+}
+
+impl RunningService {
+    /// Stop the projection runners (each finishes the batch it is in).
+    async fn stop_projections(&mut self) {
+        let _ = self.projections_stop.send(true);
+        for p in self.projections.drain(..) {
+            let _ = p.await;
+        }
     }
 }
 
 impl Drop for RunningService {
     fn drop(&mut self) {
+        for p in &self.projections {
+            p.abort();
+        }
         if let Some(server) = self.server.take() {
             server.abort();
         }

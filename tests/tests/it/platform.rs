@@ -573,3 +573,152 @@ async fn the_gateway_skips_an_instance_that_refuses_connections() {
     live.shutdown().await.unwrap();
     cp2.stop().await;
 }
+
+/// Counts placed orders per customer; the read side of the event-sourced test service.
+struct OrdersPerCustomer;
+
+impl shoal::events::Projection for OrdersPerCustomer {
+    fn name(&self) -> &str {
+        "orders_per_customer"
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut shoal::sqlx::SqliteConnection,
+        event: &'a shoal::events::RecordedEvent,
+    ) -> shoal::events::ProjectionFuture<'a> {
+        Box::pin(async move {
+            let customer = event.data["customer"].as_str().unwrap_or("?").to_string();
+            shoal::sqlx::query(
+                "INSERT INTO orders_per_customer (customer, n) VALUES (?, 1)
+                 ON CONFLICT (customer) DO UPDATE SET n = n + 1",
+            )
+            .bind(customer)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| shoal::Error::internal("read model").with_source(e))?;
+            Ok(())
+        })
+    }
+
+    fn reset<'a>(
+        &'a self,
+        tx: &'a mut shoal::sqlx::SqliteConnection,
+    ) -> shoal::events::ProjectionFuture<'a> {
+        Box::pin(async move {
+            shoal::sqlx::query("DELETE FROM orders_per_customer")
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| shoal::Error::internal("read model").with_source(e))?;
+            Ok(())
+        })
+    }
+}
+
+static ORDER_MIGRATIONS: &[shoal::Migration] = &[shoal::Migration::new(
+    1,
+    "read model",
+    "CREATE TABLE orders_per_customer (customer TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+)];
+
+#[tokio::test]
+async fn an_event_sourced_service_appends_through_ctx_and_its_projection_follows() {
+    use shoal::events::{ExpectedVersion, NewEvent};
+    let dir = temp_dir("es-service");
+    let routes = Router::new()
+        .route(
+            "/place/{customer}",
+            axum::routing::post(
+                |ctx: Ctx, axum::extract::Path(customer): axum::extract::Path<String>| async move {
+                    let e =
+                        NewEvent::new("OrderPlaced", 1, &serde_json::json!({"customer": customer}))
+                            .map_err(shoal::ApiError::from)?;
+                    let a = ctx
+                        .events()
+                        .append(
+                            &format!("order-{}", next_order()),
+                            ExpectedVersion::NoStream,
+                            vec![e],
+                        )
+                        .await
+                        .map_err(shoal::ApiError::from)?;
+                    Ok::<_, shoal::ApiError>(a.position.to_string())
+                },
+            ),
+        )
+        .route(
+            "/count/{customer}",
+            get(
+                |ctx: Ctx, axum::extract::Path(customer): axum::extract::Path<String>| async move {
+                    let n: Option<i64> = shoal::sqlx::query_scalar(
+                        "SELECT n FROM orders_per_customer WHERE customer = ?",
+                    )
+                    .bind(customer)
+                    .fetch_optional(ctx.db().pool())
+                    .await
+                    .map_err(|e| {
+                        shoal::ApiError::from(shoal::Error::internal("read").with_source(e))
+                    })?;
+                    Ok::<_, shoal::ApiError>(n.unwrap_or(0).to_string())
+                },
+            ),
+        );
+    let svc = shoal::testing::start_alone(
+        Service::new("orders")
+            .database(ORDER_MIGRATIONS)
+            .event_store(shoal::events::Upcasters::new())
+            .projection(Arc::new(OrdersPerCustomer))
+            .routes(routes),
+        &dir,
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let a = request(svc.addr(), Method::POST, "/place/alice", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+    request(svc.addr(), Method::POST, "/place/bob", &[], Bytes::new())
+        .await
+        .unwrap();
+    let addr = svc.addr();
+    let count = move |who: &'static str| async move {
+        http_get(addr, &format!("/count/{who}"))
+            .await
+            .map(|a| a.text())
+            .unwrap_or_default()
+    };
+    assert!(
+        shoal_tests::eventually(Duration::from_secs(5), || async {
+            count("alice").await == "3" && count("bob").await == "1"
+        })
+        .await,
+        "alice {}, bob {}",
+        count("alice").await,
+        count("bob").await
+    );
+    let metrics = http_get(svc.addr(), "/metrics").await.unwrap().text();
+    assert!(
+        metrics.contains("shoal_eventstore_projection_lag{"),
+        "{metrics}"
+    );
+    svc.shutdown().await.unwrap();
+
+    // An event store needs the service's database: refused at start, saying so.
+    let err = shoal::testing::start_alone(
+        Service::new("nodb").event_store(shoal::events::Upcasters::new()),
+        &dir,
+    )
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("Service::database"), "{err}");
+}
+
+/// A fresh order number for the test service.
+fn next_order() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::SeqCst)
+}

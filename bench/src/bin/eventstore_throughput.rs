@@ -7,110 +7,170 @@
 //! Usage: `eventstore-throughput [scale]` (default 1.0; 0.1 for a quick look).
 //! Run by `bench/eventstore.sh`.
 
+//! Durable append and read throughput of the event store on SQLite and on
+//! PostgreSQL, each beside its floor measured in the same run on the same database:
+//! plain inserts of rows of the same size, in the same batch sizes, into a bare
+//! table (SQLite in WAL mode with `synchronous = FULL`; PostgreSQL with its default
+//! `fsync` and `synchronous_commit`). Also: 64 concurrent writers appending one
+//! event at a time against what one fsync per append allows, and projection
+//! catch-up.
+//!
+//! Usage: `eventstore-throughput [scale] [sqlite|postgres|both]` (default 1.0 and
+//! both; 0.1 for a quick look). Run by `bench/eventstore.sh`, which starts the
+//! PostgreSQL server (`scripts/postgres`).
+
 use serde_json::json;
 use shoal_bench::report;
+use shoal_db::{Db, DbOptions, Native};
 use shoal_eventstore::{
     EventStore, ExpectedVersion, NewEvent, Projection, ProjectionFuture, ProjectionRunner,
     RecordedEvent, Upcasters,
 };
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The payload of every row and event: 256 bytes of JSON.
 fn payload() -> serde_json::Value {
     json!({ "p": "x".repeat(248) })
 }
 
-async fn pool(tag: &str) -> (SqlitePool, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("shoal-bench-es-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("bench dir");
-    let path = dir.join("bench.db");
-    let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-        .expect("url")
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(30));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(8)
-        .connect_with(opts)
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Sqlite => "sqlite",
+            Kind::Postgres => "postgres",
+        }
+    }
+}
+
+/// A fresh, empty database, and the directory to remove after (SQLite).
+async fn fresh(kind: Kind, tag: &str) -> (Db, Option<PathBuf>) {
+    let (url, dir) = match kind {
+        Kind::Sqlite => {
+            let dir =
+                std::env::temp_dir().join(format!("shoal-bench-es-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("bench dir");
+            (
+                format!("sqlite://{}", dir.join("bench.db").display()),
+                Some(dir),
+            )
+        }
+        Kind::Postgres => (shoal_testkit::postgres::fresh_database().await, None),
+    };
+    let db = Db::open(&DbOptions::new(url), &[])
         .await
         .expect("open bench database");
-    (pool, dir)
+    (db, dir)
+}
+
+async fn done_with(db: Db, dir: Option<PathBuf>) {
+    db.close().await;
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Run `$body` with `$pool` bound to the backend's own pool.
+macro_rules! on_pool {
+    ($native:expr, $pool:ident => $body:expr) => {
+        match $native {
+            Native::Sqlite($pool) => $body,
+            Native::Postgres($pool) => $body,
+        }
+    };
 }
 
 /// A database with the bare table the floors write and read: the rows' columns and
 /// nothing else (no index besides the row id).
-async fn plain_table(tag: &str) -> (SqlitePool, PathBuf) {
-    let (pool, dir) = pool(tag).await;
-    sqlx::raw_sql(
-        "CREATE TABLE plain (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, data TEXT NOT NULL)",
-    )
-    .execute(&pool)
-    .await
-    .expect("plain table");
-    (pool, dir)
+async fn plain_table(kind: Kind, tag: &str) -> (Db, Option<PathBuf>) {
+    let (db, dir) = fresh(kind, tag).await;
+    let sql = match kind {
+        Kind::Sqlite => {
+            "CREATE TABLE plain (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, data TEXT NOT NULL)"
+        }
+        Kind::Postgres => {
+            "CREATE TABLE plain (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, stream TEXT NOT NULL, data TEXT NOT NULL)"
+        }
+    };
+    sqlx::raw_sql(sql)
+        .execute(db.pool())
+        .await
+        .expect("plain table");
+    (db, dir)
 }
 
-/// Rows per second inserting `rows` rows, `batch` per transaction, into a bare table.
-async fn plain_inserts(rows: usize, batch: usize) -> f64 {
-    let (pool, dir) = plain_table("plain").await;
+/// Rows per second inserting `rows` rows, `batch` per transaction, into a bare table,
+/// through the backend's own driver.
+async fn plain_inserts(kind: Kind, rows: usize, batch: usize) -> f64 {
+    let (db, dir) = plain_table(kind, "plain").await;
     let data = payload().to_string();
     let start = Instant::now();
     let mut done = 0;
     while done < rows {
         let n = batch.min(rows - done);
         // The batch in one statement, as the store writes an append: the fastest
-        // way to put these rows in, and so the honest floor.
+        // plain way to put these rows in, and so the honest floor.
+        let values: Vec<String> = (0..n)
+            .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+            .collect();
         let sql = format!(
             "INSERT INTO plain (stream, data) VALUES {}",
-            vec!["(?, ?)"; n].join(",")
+            values.join(",")
         );
-        let mut tx = pool.begin().await.expect("begin");
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for i in 0..n {
-            q = q.bind(format!("s-{}", (done + i) % 1000)).bind(&data);
-        }
-        q.execute(&mut *tx).await.expect("insert");
-        tx.commit().await.expect("commit");
+        on_pool!(db.native(), pool => {
+            let mut tx = pool.begin().await.expect("begin");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for i in 0..n {
+                q = q.bind(format!("s-{}", (done + i) % 1000)).bind(&data);
+            }
+            q.execute(&mut *tx).await.expect("insert");
+            tx.commit().await.expect("commit");
+        });
         done += n;
     }
     let rate = rows as f64 / start.elapsed().as_secs_f64();
-    pool.close().await;
-    let _ = std::fs::remove_dir_all(dir);
+    done_with(db, dir).await;
     rate
 }
 
 /// Rows per second reading a bare table of `rows` rows in pages of 1,000.
-async fn plain_reads(rows: usize) -> f64 {
-    let (pool, dir) = plain_table("plain-read").await;
+async fn plain_reads(kind: Kind, rows: usize) -> f64 {
+    let (db, dir) = plain_table(kind, "plain-read").await;
     let data = payload().to_string();
-    let mut tx = pool.begin().await.expect("begin");
-    for i in 0..rows {
-        sqlx::query("INSERT INTO plain (stream, data) VALUES (?, ?)")
-            .bind(format!("s-{}", i % 1000))
-            .bind(&data)
-            .execute(&mut *tx)
-            .await
-            .expect("insert");
+    for chunk in 0..rows.div_ceil(1_000) {
+        let n = 1_000.min(rows - chunk * 1_000);
+        let values: Vec<String> = (0..n)
+            .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+            .collect();
+        let sql = format!(
+            "INSERT INTO plain (stream, data) VALUES {}",
+            values.join(",")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for i in 0..n {
+            q = q.bind(format!("s-{}", i % 1000)).bind(data.clone());
+        }
+        q.execute(db.pool()).await.expect("insert");
     }
-    tx.commit().await.expect("commit");
     let start = Instant::now();
     let mut after = 0i64;
     let mut seen = 0;
     loop {
-        let page: Vec<(i64, String, String)> = sqlx::query_as(
-            "SELECT id, stream, data FROM plain WHERE id > ? ORDER BY id LIMIT 1000",
+        let page: Vec<(i64, String, String)> = on_pool!(db.native(), pool => sqlx::query_as(
+            "SELECT id, stream, data FROM plain WHERE id > $1 ORDER BY id LIMIT 1000",
         )
         .bind(after)
-        .fetch_all(&pool)
+        .fetch_all(pool)
         .await
-        .expect("select");
+        .expect("select"));
         let Some(last) = page.last() else { break };
         after = last.0;
         // Decode the JSON as the store does, so both do the same work per row.
@@ -121,17 +181,17 @@ async fn plain_reads(rows: usize) -> f64 {
     }
     assert_eq!(seen, rows);
     let rate = rows as f64 / start.elapsed().as_secs_f64();
-    pool.close().await;
-    let _ = std::fs::remove_dir_all(dir);
+    done_with(db, dir).await;
     rate
 }
 
-async fn store(tag: &str) -> (EventStore, PathBuf) {
-    let (pool, dir) = pool(tag).await;
+async fn store(kind: Kind, tag: &str) -> (EventStore, Db, Option<PathBuf>) {
+    let (db, dir) = fresh(kind, tag).await;
     (
-        EventStore::open(pool, Upcasters::new())
+        EventStore::open(&db, Upcasters::new())
             .await
             .expect("open store"),
+        db,
         dir,
     )
 }
@@ -145,8 +205,13 @@ fn events(n: usize) -> Vec<NewEvent> {
 
 /// Events per second appending `total` events, `batch` per append, over `streams`
 /// streams in turn, one append at a time.
-async fn appends(total: usize, batch: usize, streams: usize) -> (f64, EventStore, PathBuf) {
-    let (s, dir) = store("append").await;
+async fn appends(
+    kind: Kind,
+    total: usize,
+    batch: usize,
+    streams: usize,
+) -> (f64, EventStore, Db, Option<PathBuf>) {
+    let (s, db, dir) = store(kind, "append").await;
     let start = Instant::now();
     let mut done = 0;
     let mut i = 0;
@@ -162,12 +227,12 @@ async fn appends(total: usize, batch: usize, streams: usize) -> (f64, EventStore
         done += n;
         i += 1;
     }
-    (total as f64 / start.elapsed().as_secs_f64(), s, dir)
+    (total as f64 / start.elapsed().as_secs_f64(), s, db, dir)
 }
 
 /// Events per second with `writers` tasks each appending one event at a time.
-async fn concurrent_appends(writers: usize, per_writer: usize) -> f64 {
-    let (s, dir) = store("concurrent").await;
+async fn concurrent_appends(kind: Kind, writers: usize, per_writer: usize) -> f64 {
+    let (s, db, dir) = store(kind, "concurrent").await;
     let start = Instant::now();
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
@@ -185,7 +250,8 @@ async fn concurrent_appends(writers: usize, per_writer: usize) -> f64 {
         t.await.expect("writer");
     }
     let rate = (writers * per_writer) as f64 / start.elapsed().as_secs_f64();
-    let _ = std::fs::remove_dir_all(dir);
+    drop(s);
+    done_with(db, dir).await;
     rate
 }
 
@@ -198,13 +264,13 @@ impl Projection for CountPerStream {
 
     fn apply<'a>(
         &'a self,
-        tx: &'a mut sqlx::SqliteConnection,
+        tx: &'a mut sqlx::AnyConnection,
         event: &'a RecordedEvent,
     ) -> ProjectionFuture<'a> {
         Box::pin(async move {
             sqlx::query(
-                "INSERT INTO per_stream (stream, n) VALUES (?, 1)
-                 ON CONFLICT (stream) DO UPDATE SET n = n + 1",
+                "INSERT INTO per_stream (stream, n) VALUES ($1, 1)
+                 ON CONFLICT (stream) DO UPDATE SET n = per_stream.n + 1",
             )
             .bind(&event.stream)
             .execute(&mut *tx)
@@ -216,7 +282,7 @@ impl Projection for CountPerStream {
 
     fn apply_batch<'a>(
         &'a self,
-        tx: &'a mut sqlx::SqliteConnection,
+        tx: &'a mut sqlx::AnyConnection,
         events: &'a [RecordedEvent],
     ) -> ProjectionFuture<'a> {
         Box::pin(async move {
@@ -225,9 +291,12 @@ impl Projection for CountPerStream {
             for e in events {
                 *counts.entry(e.stream.as_str()).or_default() += 1;
             }
+            let values: Vec<String> = (0..counts.len())
+                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+                .collect();
             let sql = format!(
-                "INSERT INTO per_stream (stream, n) VALUES {} ON CONFLICT (stream) DO UPDATE SET n = n + excluded.n",
-                vec!["(?, ?)"; counts.len()].join(",")
+                "INSERT INTO per_stream (stream, n) VALUES {} ON CONFLICT (stream) DO UPDATE SET n = per_stream.n + excluded.n",
+                values.join(",")
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (stream, n) in counts {
@@ -240,7 +309,7 @@ impl Projection for CountPerStream {
         })
     }
 
-    fn reset<'a>(&'a self, tx: &'a mut sqlx::SqliteConnection) -> ProjectionFuture<'a> {
+    fn reset<'a>(&'a self, tx: &'a mut sqlx::AnyConnection) -> ProjectionFuture<'a> {
         Box::pin(async move {
             sqlx::query("DELETE FROM per_stream")
                 .execute(&mut *tx)
@@ -253,32 +322,43 @@ impl Projection for CountPerStream {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let scale: f64 = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1.0);
+    let mut args = std::env::args().skip(1);
+    let scale: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1.0);
+    let kinds = match args.next().as_deref() {
+        Some("sqlite") => vec![Kind::Sqlite],
+        Some("postgres") => vec![Kind::Postgres],
+        _ => vec![Kind::Sqlite, Kind::Postgres],
+    };
+    for kind in kinds {
+        run(kind, scale).await;
+    }
+}
+
+async fn run(kind: Kind, scale: f64) {
+    let b = kind.name();
     let n = |x: f64| ((x * scale) as usize).max(100);
     let batched = n(100_000.0);
     let unbatched = n(2_000.0);
 
-    let floor_batched = plain_inserts(batched, 100).await;
-    let (ours, _, dir) = appends(batched, 100, 1).await;
-    let _ = std::fs::remove_dir_all(dir);
+    let floor_batched = plain_inserts(kind, batched, 100).await;
+    let (ours, s, db, dir) = appends(kind, batched, 100, 1).await;
+    drop(s);
+    done_with(db, dir).await;
     report(
-        "durable append, 1 stream, 100 events per append (reference: plain inserts, 100 rows per transaction)",
+        &format!("{b}: durable append, 1 stream, 100 events per append (reference: plain inserts, 100 rows per transaction)"),
         ours,
         floor_batched,
         "events/s",
     );
-    let (ours, s, dir) = appends(batched, 100, 1_000).await;
+    let (ours, s, db, dir) = appends(kind, batched, 100, 1_000).await;
     report(
-        "durable append, 1,000 streams, 100 events per append (reference: plain inserts, 100 rows per transaction)",
+        &format!("{b}: durable append, 1,000 streams, 100 events per append (reference: plain inserts, 100 rows per transaction)"),
         ours,
         floor_batched,
         "events/s",
     );
 
-    let floor_read = plain_reads(batched).await;
+    let floor_read = plain_reads(kind, batched).await;
     let start = Instant::now();
     let mut after = 0;
     let mut seen = 0;
@@ -290,14 +370,14 @@ async fn main() {
     }
     assert_eq!(seen, batched);
     report(
-        "read all, pages of 1,000 (reference: plain select of the same rows, JSON decoded)",
+        &format!("{b}: read all, pages of 1,000 (reference: plain select of the same rows, JSON decoded)"),
         batched as f64 / start.elapsed().as_secs_f64(),
         floor_read,
         "events/s",
     );
 
-    sqlx::raw_sql("CREATE TABLE per_stream (stream TEXT PRIMARY KEY, n INTEGER NOT NULL)")
-        .execute(s.pool())
+    sqlx::raw_sql("CREATE TABLE per_stream (stream TEXT PRIMARY KEY, n BIGINT NOT NULL)")
+        .execute(db.pool())
         .await
         .expect("read model");
     let runner = ProjectionRunner::new(s.clone(), Arc::new(CountPerStream), 1_000);
@@ -305,28 +385,29 @@ async fn main() {
     let applied = runner.catch_up().await.expect("catch up");
     assert_eq!(applied as usize, batched);
     report(
-        "projection catch-up, 1,000 events per transaction (reference: the 100,000 events/s target)",
+        &format!("{b}: projection catch-up, 1,000 events per transaction (reference: the 100,000 events/s target)"),
         applied as f64 / start.elapsed().as_secs_f64(),
         100_000.0,
         "events/s",
     );
     drop(runner);
     drop(s);
-    let _ = std::fs::remove_dir_all(dir);
+    done_with(db, dir).await;
 
-    let floor_single = plain_inserts(unbatched, 1).await;
-    let (ours, _, dir) = appends(unbatched, 1, 1).await;
-    let _ = std::fs::remove_dir_all(dir);
+    let floor_single = plain_inserts(kind, unbatched, 1).await;
+    let (ours, s, db, dir) = appends(kind, unbatched, 1, 1).await;
+    drop(s);
+    done_with(db, dir).await;
     report(
-        "durable append, one event per append, one writer (reference: plain inserts, one row per transaction)",
+        &format!("{b}: durable append, one event per append, one writer (reference: plain inserts, one row per transaction)"),
         ours,
         floor_single,
         "events/s",
     );
     let per_writer = (unbatched * 10 / 64).max(10);
-    let ours = concurrent_appends(64, per_writer).await;
+    let ours = concurrent_appends(kind, 64, per_writer).await;
     report(
-        "64 concurrent writers, one event per append (reference: one fsync per append, the plain one-row-per-transaction rate)",
+        &format!("{b}: 64 concurrent writers, one event per append (reference: one fsync per append, the plain one-row-per-transaction rate)"),
         ours,
         floor_single,
         "events/s",

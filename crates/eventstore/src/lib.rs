@@ -13,12 +13,15 @@
 //! - [`ReadThrough`]: a bounded in-process cache for another service's reference
 //!   data, with a time to live and invalidation by that service's events.
 //!
-//! It lives in the service's own SQLite database (a PostgreSQL backend is the next
-//! step), in tables prefixed `_shoal_es_`.
+//! It lives in the service's own database ([`shoal_db::Db`]), SQLite or
+//! PostgreSQL, in tables prefixed `_shoal_es_`; the same conformance suite runs on
+//! both.
 
 mod aggregate;
 mod cache;
+mod postgres;
 mod projection;
+mod sqlite;
 mod store;
 mod types;
 mod upcast;

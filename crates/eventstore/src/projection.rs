@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use shoal_core::Error;
 use shoal_telemetry::Metrics;
-use sqlx::sqlite::SqliteConnection;
+use sqlx::AnyConnection;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,10 +24,12 @@ pub trait Projection: Send + Sync {
     /// Its name; its checkpoint is kept under it.
     fn name(&self) -> &str;
 
-    /// Change the read model for `event`, inside the runner's transaction `tx`.
+    /// Change the read model for `event`, inside the runner's transaction `tx` (the
+    /// service's database through the portable API: `$1` placeholders, SQL that
+    /// both backends accept).
     fn apply<'a>(
         &'a self,
-        tx: &'a mut SqliteConnection,
+        tx: &'a mut AnyConnection,
         event: &'a RecordedEvent,
     ) -> ProjectionFuture<'a>;
 
@@ -37,7 +39,7 @@ pub trait Projection: Send + Sync {
     /// statement is a round trip to the database.
     fn apply_batch<'a>(
         &'a self,
-        tx: &'a mut SqliteConnection,
+        tx: &'a mut AnyConnection,
         events: &'a [RecordedEvent],
     ) -> ProjectionFuture<'a> {
         Box::pin(async move {
@@ -49,7 +51,7 @@ pub trait Projection: Send + Sync {
     }
 
     /// Empty the read model (for a rebuild), inside `tx`.
-    fn reset<'a>(&'a self, tx: &'a mut SqliteConnection) -> ProjectionFuture<'a>;
+    fn reset<'a>(&'a self, tx: &'a mut AnyConnection) -> ProjectionFuture<'a>;
 }
 
 /// Runs one projection against a store.
@@ -109,9 +111,9 @@ impl ProjectionRunner {
     /// The position of the last event applied.
     pub async fn checkpoint(&self) -> Result<u64, Error> {
         let p: Option<i64> =
-            sqlx::query_scalar("SELECT position FROM _shoal_es_checkpoints WHERE projection = ?")
+            sqlx::query_scalar("SELECT position FROM _shoal_es_checkpoints WHERE projection = $1")
                 .bind(self.projection.name())
-                .fetch_optional(self.store.pool())
+                .fetch_optional(self.store.db().pool())
                 .await
                 .map_err(db_err("reading a projection checkpoint"))?;
         Ok(p.unwrap_or(0) as u64)
@@ -151,6 +153,7 @@ impl ProjectionRunner {
         };
         let mut tx = self
             .store
+            .db()
             .pool()
             .begin()
             .await
@@ -159,9 +162,9 @@ impl ProjectionRunner {
         // Checkpoint moves only from where this batch started: two runners of the
         // same projection cannot both apply a batch.
         let moved = sqlx::query(
-            "INSERT INTO _shoal_es_checkpoints (projection, position) VALUES (?, ?)
+            "INSERT INTO _shoal_es_checkpoints (projection, position) VALUES ($1, $2)
              ON CONFLICT (projection) DO UPDATE SET position = excluded.position
-             WHERE _shoal_es_checkpoints.position = ?",
+             WHERE _shoal_es_checkpoints.position = $3",
         )
         .bind(self.projection.name())
         .bind(last as i64)
@@ -193,12 +196,13 @@ impl ProjectionRunner {
     pub async fn rebuild(&self) -> Result<u64, Error> {
         let mut tx = self
             .store
+            .db()
             .pool()
             .begin()
             .await
             .map_err(db_err("starting a projection rebuild"))?;
         self.projection.reset(&mut tx).await?;
-        sqlx::query("DELETE FROM _shoal_es_checkpoints WHERE projection = ?")
+        sqlx::query("DELETE FROM _shoal_es_checkpoints WHERE projection = $1")
             .bind(self.projection.name())
             .execute(&mut *tx)
             .await

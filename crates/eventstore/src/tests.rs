@@ -1,14 +1,14 @@
-//! The conformance suite: what every backend must do. It runs on SQLite files here;
-//! each case takes a fresh store from `fresh()`.
+//! The conformance suite: what every backend must do. Every case runs twice, on a
+//! SQLite file and on a real PostgreSQL server (`shoal_testkit::postgres`), each
+//! time on a fresh database of its own.
 
 use crate::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shoal_core::ErrorKind;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use shoal_db::Db;
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -22,34 +22,43 @@ fn temp_path(tag: &str) -> PathBuf {
     dir.join("events.db")
 }
 
-async fn pool_at(path: &std::path::Path) -> Result<sqlx::SqlitePool, sqlx::Error> {
-    let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(std::time::Duration::from_secs(5));
-    SqlitePoolOptions::new()
-        .max_connections(8)
-        .connect_with(opts)
+/// Which backend a case runs on.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+/// A new, empty database: a SQLite file, or a database on the test PostgreSQL.
+async fn fresh_url(kind: Kind) -> String {
+    match kind {
+        Kind::Sqlite => format!("sqlite://{}", temp_path("store").display()),
+        Kind::Postgres => shoal_testkit::postgres::fresh_database().await,
+    }
+}
+
+async fn fresh_db(kind: Kind) -> Db {
+    Db::open(&shoal_db::DbOptions::new(fresh_url(kind).await), &[])
         .await
+        .unwrap()
 }
 
-async fn fresh_with(upcasters: Upcasters) -> EventStore {
-    let pool = pool_at(&temp_path("store")).await.unwrap();
-    EventStore::open(pool, upcasters).await.unwrap()
+async fn fresh_with(kind: Kind, upcasters: Upcasters) -> EventStore {
+    EventStore::open(&fresh_db(kind).await, upcasters)
+        .await
+        .unwrap()
 }
 
-async fn fresh() -> EventStore {
-    fresh_with(Upcasters::new()).await
+async fn fresh(kind: Kind) -> EventStore {
+    fresh_with(kind, Upcasters::new()).await
 }
 
 fn ev(t: &str, n: i64) -> NewEvent {
     NewEvent::new(t, 1, &json!({ "n": n })).unwrap()
 }
 
-#[tokio::test]
-async fn appends_and_reads_both_ways_with_metadata() {
-    let s = fresh().await;
+async fn appends_and_reads_both_ways_with_metadata(k: Kind) {
+    let s = fresh(k).await;
     let meta = Metadata {
         correlation_id: Some("c-1".into()),
         causation_id: Some("m-7".into()),
@@ -122,9 +131,8 @@ async fn appends_and_reads_both_ways_with_metadata() {
     assert_eq!(s.head(), 4);
 }
 
-#[tokio::test]
-async fn expected_versions_are_enforced_with_a_typed_conflict() {
-    let s = fresh().await;
+async fn expected_versions_are_enforced_with_a_typed_conflict(k: Kind) {
+    let s = fresh(k).await;
     s.append("a", ExpectedVersion::NoStream, vec![ev("X", 1)])
         .await
         .unwrap();
@@ -160,9 +168,8 @@ async fn expected_versions_are_enforced_with_a_typed_conflict() {
     assert_eq!(s.stream_version("a").await.unwrap(), 3);
 }
 
-#[tokio::test]
-async fn a_repeated_append_is_recognised_and_writes_nothing() {
-    let s = fresh().await;
+async fn a_repeated_append_is_recognised_and_writes_nothing(k: Kind) {
+    let s = fresh(k).await;
     let events = vec![ev("X", 1), ev("Y", 2)];
     let first = s
         .append("a", ExpectedVersion::NoStream, events.clone())
@@ -207,9 +214,8 @@ async fn a_repeated_append_is_recognised_and_writes_nothing() {
         .all(|(i, e)| e.position == i as u64 + 1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn appends_grouped_into_one_commit_are_each_decided_as_if_alone() {
-    let s = fresh().await;
+async fn appends_grouped_into_one_commit_are_each_decided_as_if_alone(k: Kind) {
+    let s = fresh(k).await;
     s.append("g", ExpectedVersion::NoStream, vec![ev("E", 0)])
         .await
         .unwrap();
@@ -273,9 +279,8 @@ async fn appends_grouped_into_one_commit_are_each_decided_as_if_alone() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eight_writers_on_one_stream_one_wins_per_version_and_nothing_has_gaps() {
-    let s = fresh().await;
+async fn eight_writers_on_one_stream_one_wins_per_version_and_nothing_has_gaps(k: Kind) {
+    let s = fresh(k).await;
     let wins = Arc::new(AtomicU32::new(0));
     let conflicts = Arc::new(AtomicU32::new(0));
     let mut tasks = Vec::new();
@@ -327,9 +332,8 @@ async fn eight_writers_on_one_stream_one_wins_per_version_and_nothing_has_gaps()
         .all(|(i, e)| e.position == i as u64 + 1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readers_never_see_a_gap_while_writers_commit() {
-    let s = fresh().await;
+async fn readers_never_see_a_gap_while_writers_commit(k: Kind) {
+    let s = fresh(k).await;
     let writers: Vec<_> = (0..16)
         .map(|w| {
             let s = s.clone();
@@ -358,9 +362,57 @@ async fn readers_never_see_a_gap_while_writers_commit() {
     }
 }
 
-#[tokio::test]
-async fn a_subscription_catches_up_then_goes_live() {
-    let s = fresh().await;
+/// Four stores on one database, as four replicas of a service would have (each its
+/// own pools and writer, so their transactions really are concurrent), and a
+/// reader in a fifth: the global order it follows has no gaps and no repeats.
+async fn replicas_writing_at_once_leave_no_gap_a_reader_can_see(k: Kind) {
+    let url = fresh_url(k).await;
+    let mut stores = Vec::new();
+    for _ in 0..5 {
+        let db = Db::open(&shoal_db::DbOptions::new(url.clone()), &[])
+            .await
+            .unwrap();
+        stores.push(EventStore::open(&db, Upcasters::new()).await.unwrap());
+    }
+    let reader = stores.pop().unwrap();
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let s = stores[w % 4].clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    s.append(&format!("r-{w}"), ExpectedVersion::Any, vec![ev("E", i)])
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut sub = reader.subscribe(0);
+    let mut seen = HashSet::new();
+    for expect in 1..=16 * 25 {
+        let e = tokio::time::timeout(std::time::Duration::from_secs(10), sub.next())
+            .await
+            .expect("the subscription keeps up")
+            .unwrap();
+        assert_eq!(e.position, expect);
+        assert!(seen.insert(e.id.clone()), "event {} seen twice", e.id);
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Every stream's versions run 1..=25 without a gap.
+    for w in 0..16 {
+        let events = reader
+            .read_stream(&format!("r-{w}"), 1, Direction::Forwards, 100)
+            .await
+            .unwrap();
+        let versions: Vec<u64> = events.iter().map(|e| e.version).collect();
+        assert_eq!(versions, (1..=25).collect::<Vec<u64>>());
+    }
+}
+
+async fn a_subscription_catches_up_then_goes_live(k: Kind) {
+    let s = fresh(k).await;
     for i in 0..3 {
         s.append("a", ExpectedVersion::Any, vec![ev("E", i)])
             .await
@@ -382,9 +434,8 @@ async fn a_subscription_catches_up_then_goes_live() {
     assert_eq!(live, 4);
 }
 
-#[tokio::test]
-async fn snapshots_keep_the_newest() {
-    let s = fresh().await;
+async fn snapshots_keep_the_newest(k: Kind) {
+    let s = fresh(k).await;
     assert_eq!(s.load_snapshot("a").await.unwrap(), None);
     s.save_snapshot("a", 10, &json!({"total": 10}))
         .await
@@ -395,12 +446,14 @@ async fn snapshots_keep_the_newest() {
     assert_eq!(snap.data, json!({"total": 10}));
 }
 
-#[tokio::test]
-async fn old_event_shapes_are_upcast_on_read() {
-    let s = fresh_with(Upcasters::new().add("Placed", 1, |mut v| {
-        v["currency"] = json!("EUR");
-        Ok(v)
-    }))
+async fn old_event_shapes_are_upcast_on_read(k: Kind) {
+    let s = fresh_with(
+        k,
+        Upcasters::new().add("Placed", 1, |mut v| {
+            v["currency"] = json!("EUR");
+            Ok(v)
+        }),
+    )
     .await;
     s.append(
         "a",
@@ -425,9 +478,8 @@ async fn old_event_shapes_are_upcast_on_read() {
     assert_eq!(events[1].data, json!({"cents": 7, "currency": "USD"}));
 }
 
-#[tokio::test]
-async fn bad_input_gets_a_clear_error_and_writes_nothing() {
-    let s = fresh().await;
+async fn bad_input_gets_a_clear_error_and_writes_nothing(k: Kind) {
+    let s = fresh(k).await;
     let big = NewEvent::new(
         "Big",
         1,
@@ -460,15 +512,17 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
 async fn a_corrupt_database_file_is_named_as_such() {
     let path = temp_path("corrupt");
     std::fs::write(&path, vec![0x5a; 8192]).unwrap();
-    let e = match pool_at(&path).await {
+    let url = format!("sqlite://{}", path.display());
+    let e = match Db::open(&shoal_db::DbOptions::new(url), &[]).await {
         Err(e) => e.to_string(),
-        Ok(pool) => EventStore::open(pool, Upcasters::new())
+        Ok(db) => EventStore::open(&db, Upcasters::new())
             .await
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default(),
     };
     assert!(e.contains("corrupt") || e.contains("not a database"), "{e}");
+    assert!(e.contains("events.db"), "{e}");
 }
 
 #[derive(Default, Serialize, Deserialize, Debug)]
@@ -498,9 +552,8 @@ impl Aggregate for Counter {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aggregates_retry_on_conflict_and_snapshots_match_replay() {
-    let s = fresh().await;
+async fn aggregates_retry_on_conflict_and_snapshots_match_replay(k: Kind) {
+    let s = fresh(k).await;
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let s = s.clone();
@@ -566,13 +619,13 @@ impl Projection for PerStream {
 
     fn apply<'a>(
         &'a self,
-        tx: &'a mut sqlx::SqliteConnection,
+        tx: &'a mut sqlx::AnyConnection,
         event: &'a RecordedEvent,
     ) -> ProjectionFuture<'a> {
         Box::pin(async move {
             sqlx::query(
-                "INSERT INTO per_stream (stream, n) VALUES (?, 1)
-                 ON CONFLICT (stream) DO UPDATE SET n = n + 1",
+                "INSERT INTO per_stream (stream, n) VALUES ($1, 1)
+                 ON CONFLICT (stream) DO UPDATE SET n = per_stream.n + 1",
             )
             .bind(&event.stream)
             .execute(&mut *tx)
@@ -586,7 +639,7 @@ impl Projection for PerStream {
         })
     }
 
-    fn reset<'a>(&'a self, tx: &'a mut sqlx::SqliteConnection) -> ProjectionFuture<'a> {
+    fn reset<'a>(&'a self, tx: &'a mut sqlx::AnyConnection) -> ProjectionFuture<'a> {
         Box::pin(async move {
             sqlx::query("DELETE FROM per_stream")
                 .execute(&mut *tx)
@@ -599,16 +652,15 @@ impl Projection for PerStream {
 
 async fn read_model(s: &EventStore) -> Vec<(String, i64)> {
     sqlx::query_as("SELECT stream, n FROM per_stream ORDER BY stream")
-        .fetch_all(s.pool())
+        .fetch_all(s.db().pool())
         .await
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_projection_cut_off_mid_batch_applies_nothing_twice_and_rebuilds_the_same() {
-    let s = fresh().await;
-    sqlx::query("CREATE TABLE per_stream (stream TEXT PRIMARY KEY, n INTEGER NOT NULL)")
-        .execute(s.pool())
+async fn a_projection_cut_off_mid_batch_applies_nothing_twice_and_rebuilds_the_same(k: Kind) {
+    let s = fresh(k).await;
+    sqlx::query("CREATE TABLE per_stream (stream TEXT PRIMARY KEY, n BIGINT NOT NULL)")
+        .execute(s.db().pool())
         .await
         .unwrap();
     for i in 0..30 {
@@ -661,9 +713,8 @@ async fn a_projection_cut_off_mid_batch_applies_nothing_twice_and_rebuilds_the_s
     assert_eq!(streams.len(), 3);
 }
 
-#[tokio::test]
-async fn a_cache_forgets_what_an_event_says_changed() {
-    let s = fresh().await;
+async fn a_cache_forgets_what_an_event_says_changed(k: Kind) {
+    let s = fresh(k).await;
     let cache: ReadThrough<String, i64> =
         ReadThrough::new(std::time::Duration::from_secs(3600), 100);
     let _follow = cache.invalidate_on(&s, |e| Some(e.stream.clone()));
@@ -693,11 +744,10 @@ async fn a_cache_forgets_what_an_event_says_changed() {
     assert_eq!(cache.get(&"price-p2".to_string()), Some(200));
 }
 
-#[tokio::test]
-async fn a_running_projection_keeps_up_and_reports_its_lag() {
-    let s = fresh().await;
-    sqlx::query("CREATE TABLE per_stream (stream TEXT PRIMARY KEY, n INTEGER NOT NULL)")
-        .execute(s.pool())
+async fn a_running_projection_keeps_up_and_reports_its_lag(k: Kind) {
+    let s = fresh(k).await;
+    sqlx::query("CREATE TABLE per_stream (stream TEXT PRIMARY KEY, n BIGINT NOT NULL)")
+        .execute(s.db().pool())
         .await
         .unwrap();
     let metrics = shoal_telemetry::Metrics::new("test");
@@ -737,3 +787,43 @@ async fn a_running_projection_keeps_up_and_reports_its_lag() {
     let _ = stop.send(());
     running.await.unwrap();
 }
+
+/// Each case as two tests, one per backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Sqlite).await
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    appends_and_reads_both_ways_with_metadata,
+    expected_versions_are_enforced_with_a_typed_conflict,
+    a_repeated_append_is_recognised_and_writes_nothing,
+    appends_grouped_into_one_commit_are_each_decided_as_if_alone,
+    eight_writers_on_one_stream_one_wins_per_version_and_nothing_has_gaps,
+    readers_never_see_a_gap_while_writers_commit,
+    replicas_writing_at_once_leave_no_gap_a_reader_can_see,
+    a_subscription_catches_up_then_goes_live,
+    snapshots_keep_the_newest,
+    old_event_shapes_are_upcast_on_read,
+    bad_input_gets_a_clear_error_and_writes_nothing,
+    aggregates_retry_on_conflict_and_snapshots_match_replay,
+    a_projection_cut_off_mid_batch_applies_nothing_twice_and_rebuilds_the_same,
+    a_cache_forgets_what_an_event_says_changed,
+    a_running_projection_keeps_up_and_reports_its_lag
+);

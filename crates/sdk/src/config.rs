@@ -78,8 +78,13 @@ impl Default for ServiceConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// A database URL; by default `sqlite://<data_dir>/<service>.db`.
+    /// A database URL; by default `sqlite://<data_dir>/<service>.db`. For
+    /// PostgreSQL, `postgres://user:password@host:port/database` with the service's
+    /// own credentials (or set it from the environment: `SHOAL_DATABASE__URL`).
     pub url: Option<String>,
+    /// PostgreSQL only: the schema the service's tables live in, when services
+    /// share a database (created if missing; put first on the search path).
+    pub schema: Option<String>,
     /// Most pooled connections.
     pub max_connections: u32,
     /// Longest wait for a pooled connection.
@@ -90,6 +95,7 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: None,
+            schema: None,
             max_connections: 8,
             acquire_timeout_ms: 5_000,
         }

@@ -29,16 +29,15 @@
 
 mod config;
 mod ctx;
-mod db;
 mod health;
 mod service;
 pub mod testing;
 
 pub use config::{DatabaseConfig, ServiceConfig};
 pub use ctx::Ctx;
-pub use db::{Db, Migration};
 pub use service::{RunningService, Service};
 pub use shoal_core::{ApiError, Error, ErrorKind, Origin};
+pub use shoal_db::{Backend, Db, DbOptions, Migration};
 pub use shoal_discovery::{ClientResponse, ServiceClient, Strategy};
 pub use shoal_telemetry::{Metrics, RequestContext};
 

@@ -1,6 +1,6 @@
 use crate::ctx::CtxInner;
 use crate::health::{self, Check, Health};
-use crate::{Ctx, Db, Migration, ServiceConfig};
+use crate::{Ctx, Db, DbOptions, Migration, ServiceConfig};
 use axum::extract::DefaultBodyLimit;
 use axum::{Extension, Router};
 use http::HeaderValue;
@@ -123,16 +123,15 @@ impl Service {
         self
     }
 
-    /// Use these variables instead of the process environment (tests).
+    /// Use these variables instead of the process environment (tests); called
+    /// again, adds to them (a later value of the same name wins).
     pub fn env<K: Into<String>, V: Into<String>>(
         mut self,
         vars: impl IntoIterator<Item = (K, V)>,
     ) -> Self {
-        self.env = Some(
-            vars.into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        );
+        self.env
+            .get_or_insert_with(Vec::new)
+            .extend(vars.into_iter().map(|(k, v)| (k.into(), v.into())));
         self
     }
 
@@ -193,15 +192,13 @@ impl Service {
                         )
                     }
                 };
-                Some(
-                    Db::open(
-                        &url,
-                        migrations,
-                        cfg.database.max_connections,
-                        Duration::from_millis(cfg.database.acquire_timeout_ms),
-                    )
-                    .await?,
-                )
+                let opts = DbOptions {
+                    url,
+                    schema: cfg.database.schema.clone(),
+                    max_connections: cfg.database.max_connections,
+                    acquire_timeout: Duration::from_millis(cfg.database.acquire_timeout_ms),
+                };
+                Some(Db::open(&opts, migrations).await?)
             }
             None => None,
         };
@@ -217,9 +214,7 @@ impl Service {
             ));
         }
         let events = match (self.event_store, &db) {
-            (Some(upcasters), Some(db)) => {
-                Some(EventStore::open(db.pool().clone(), upcasters).await?)
-            }
+            (Some(upcasters), Some(db)) => Some(EventStore::open(db, upcasters).await?),
             _ => None,
         };
 

@@ -80,7 +80,7 @@ async fn list_products(ctx: Ctx) -> Result<impl IntoResponse, ApiError> {
 
 async fn get_product(ctx: Ctx, Path(id): Path<String>) -> Result<Json<Product>, ApiError> {
     let row = sqlx::query_as::<_, ProductRow>(
-        "SELECT id, name, price_cents, currency FROM products WHERE id = ?",
+        "SELECT id, name, price_cents, currency FROM products WHERE id = $1",
     )
     .bind(&id)
     .fetch_optional(ctx.db().pool())

@@ -53,7 +53,7 @@ fn db_error(e: sqlx::Error) -> ApiError {
 
 async fn get_stock(ctx: Ctx, Path(product_id): Path<String>) -> Result<Json<Stock>, ApiError> {
     let row = sqlx::query_as::<_, (String, i64, i64)>(
-        "SELECT product_id, available, reserved FROM stock WHERE product_id = ?",
+        "SELECT product_id, available, reserved FROM stock WHERE product_id = $1",
     )
     .bind(&product_id)
     .fetch_optional(ctx.db().pool())

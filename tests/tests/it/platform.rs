@@ -584,14 +584,14 @@ impl shoal::events::Projection for OrdersPerCustomer {
 
     fn apply<'a>(
         &'a self,
-        tx: &'a mut shoal::sqlx::SqliteConnection,
+        tx: &'a mut shoal::sqlx::AnyConnection,
         event: &'a shoal::events::RecordedEvent,
     ) -> shoal::events::ProjectionFuture<'a> {
         Box::pin(async move {
             let customer = event.data["customer"].as_str().unwrap_or("?").to_string();
             shoal::sqlx::query(
-                "INSERT INTO orders_per_customer (customer, n) VALUES (?, 1)
-                 ON CONFLICT (customer) DO UPDATE SET n = n + 1",
+                "INSERT INTO orders_per_customer (customer, n) VALUES ($1, 1)
+                 ON CONFLICT (customer) DO UPDATE SET n = orders_per_customer.n + 1",
             )
             .bind(customer)
             .execute(&mut *tx)
@@ -603,7 +603,7 @@ impl shoal::events::Projection for OrdersPerCustomer {
 
     fn reset<'a>(
         &'a self,
-        tx: &'a mut shoal::sqlx::SqliteConnection,
+        tx: &'a mut shoal::sqlx::AnyConnection,
     ) -> shoal::events::ProjectionFuture<'a> {
         Box::pin(async move {
             shoal::sqlx::query("DELETE FROM orders_per_customer")
@@ -618,13 +618,27 @@ impl shoal::events::Projection for OrdersPerCustomer {
 static ORDER_MIGRATIONS: &[shoal::Migration] = &[shoal::Migration::new(
     1,
     "read model",
-    "CREATE TABLE orders_per_customer (customer TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+    "CREATE TABLE orders_per_customer (customer TEXT PRIMARY KEY, n BIGINT NOT NULL)",
 )];
 
 #[tokio::test]
-async fn an_event_sourced_service_appends_through_ctx_and_its_projection_follows() {
+async fn an_event_sourced_service_on_sqlite_appends_through_ctx_and_its_projection_follows() {
+    event_sourced_service(None).await;
+}
+
+/// The same service, unchanged, on its own PostgreSQL database: one setting.
+#[tokio::test]
+async fn an_event_sourced_service_on_postgres_appends_through_ctx_and_its_projection_follows() {
+    event_sourced_service(Some(shoal_testkit::postgres::fresh_database().await)).await;
+}
+
+async fn event_sourced_service(database_url: Option<String>) {
     use shoal::events::{ExpectedVersion, NewEvent};
     let dir = temp_dir("es-service");
+    let env: Vec<(&str, String)> = database_url
+        .map(|url| ("SHOAL_DATABASE__URL", url))
+        .into_iter()
+        .collect();
     let routes = Router::new()
         .route(
             "/place/{customer}",
@@ -651,7 +665,7 @@ async fn an_event_sourced_service_appends_through_ctx_and_its_projection_follows
             get(
                 |ctx: Ctx, axum::extract::Path(customer): axum::extract::Path<String>| async move {
                     let n: Option<i64> = shoal::sqlx::query_scalar(
-                        "SELECT n FROM orders_per_customer WHERE customer = ?",
+                        "SELECT n FROM orders_per_customer WHERE customer = $1",
                     )
                     .bind(customer)
                     .fetch_optional(ctx.db().pool())
@@ -665,6 +679,7 @@ async fn an_event_sourced_service_appends_through_ctx_and_its_projection_follows
         );
     let svc = shoal::testing::start_alone(
         Service::new("orders")
+            .env(env)
             .database(ORDER_MIGRATIONS)
             .event_store(shoal::events::Upcasters::new())
             .projection(Arc::new(OrdersPerCustomer))

@@ -1,0 +1,77 @@
+//! A real PostgreSQL server (`scripts/postgres`), and a fresh database per test.
+
+use sqlx::Connection;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The environment variable holding the admin URL of the test server.
+pub const URL_VAR: &str = "SHOAL_TEST_POSTGRES_URL";
+
+/// The admin (superuser) URL of the test server: from [`URL_VAR`] when set (as
+/// `scripts/test` does), otherwise from `scripts/postgres start`, which installs and
+/// starts the server if needed and leaves it running for the next test.
+///
+/// # Panics
+/// When no server can be had: a test of the PostgreSQL backend must not pass
+/// without one.
+pub fn admin_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var(URL_VAR) {
+            if !url.is_empty() {
+                return url;
+            }
+        }
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/postgres");
+        let out = Command::new(&script)
+            .arg("start")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "scripts/postgres start failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {URL_VAR}=")))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("scripts/postgres printed no URL: {text}"))
+    })
+}
+
+/// The URL of `database` on the test server, connecting as `user`.
+pub fn url_for(user: &str, database: &str) -> String {
+    let admin = admin_url();
+    // admin is postgres://postgres@HOST:PORT/postgres
+    let host = admin
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(host, _)| host)
+        .unwrap_or_else(|| panic!("unexpected admin URL {admin}"));
+    format!("postgres://{user}@{host}/{database}")
+}
+
+/// Run `sql` (one or more statements) as the superuser on `database`.
+///
+/// # Panics
+/// When the server refuses it.
+pub async fn admin_exec(database: &str, sql: &str) {
+    let mut conn = sqlx::PgConnection::connect(&url_for("postgres", database))
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let _ = conn.close().await;
+}
+
+/// A new, empty database for one test, and its (superuser) URL. Databases are never
+/// shared between tests, so tests run in parallel without seeing each other.
+pub async fn fresh_database() -> String {
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    admin_exec("postgres", &format!("CREATE DATABASE {name}")).await;
+    url_for("postgres", &name)
+}

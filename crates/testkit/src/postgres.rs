@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The environment variable holding the admin URL of the test server.
-pub const URL_VAR: &str = "SHOAL_TEST_POSTGRES_URL";
+/// The environment variable holding the admin URL of the test server. Not `SHOAL_*`:
+/// services read those as configuration and refuse names they do not know.
+pub const URL_VAR: &str = "POSTGRES_TEST_URL";
 
 /// The admin (superuser) URL of the test server: from [`URL_VAR`] when set (as
 /// `scripts/test` does), otherwise from `scripts/postgres start`, which installs and

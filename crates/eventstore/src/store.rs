@@ -337,6 +337,10 @@ where
     Fut: std::future::Future<Output = (Vec<Write>, Vec<Result<Appended, Error>>)>,
 {
     while let Some(first) = rx.recv().await {
+        // Writers answered by the last commit are waking up to append again: give
+        // them a turn to queue, or the next group is the one straggler that came
+        // first and the rest wait a whole commit for the group after it.
+        tokio::task::yield_now().await;
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {

@@ -4,4 +4,5 @@
 //! them once for the whole run and passes their addresses in the environment, and a
 //! test run by hand starts them on first use.
 
+pub mod bus;
 pub mod postgres;

@@ -88,6 +88,14 @@ macro_rules! on_pool {
     };
 }
 
+/// `($1, $2),($3, $4),…` for `n` rows of two values.
+fn pairs(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A database with the bare table the floors write and read: the rows' columns and
 /// nothing else (no index besides the row id).
 async fn plain_table(kind: Kind, tag: &str) -> (Db, Option<PathBuf>) {
@@ -118,13 +126,7 @@ async fn plain_inserts(kind: Kind, rows: usize, batch: usize) -> f64 {
         let n = batch.min(rows - done);
         // The batch in one statement, as the store writes an append: the fastest
         // plain way to put these rows in, and so the honest floor.
-        let values: Vec<String> = (0..n)
-            .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-            .collect();
-        let sql = format!(
-            "INSERT INTO plain (stream, data) VALUES {}",
-            values.join(",")
-        );
+        let sql = format!("INSERT INTO plain (stream, data) VALUES {}", pairs(n));
         on_pool!(db.native(), pool => {
             let mut tx = pool.begin().await.expect("begin");
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -147,13 +149,7 @@ async fn plain_reads(kind: Kind, rows: usize) -> f64 {
     let data = payload().to_string();
     for chunk in 0..rows.div_ceil(1_000) {
         let n = 1_000.min(rows - chunk * 1_000);
-        let values: Vec<String> = (0..n)
-            .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-            .collect();
-        let sql = format!(
-            "INSERT INTO plain (stream, data) VALUES {}",
-            values.join(",")
-        );
+        let sql = format!("INSERT INTO plain (stream, data) VALUES {}", pairs(n));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for i in 0..n {
             q = q.bind(format!("s-{}", i % 1000)).bind(data.clone());
@@ -291,12 +287,9 @@ impl Projection for CountPerStream {
             for e in events {
                 *counts.entry(e.stream.as_str()).or_default() += 1;
             }
-            let values: Vec<String> = (0..counts.len())
-                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-                .collect();
             let sql = format!(
                 "INSERT INTO per_stream (stream, n) VALUES {} ON CONFLICT (stream) DO UPDATE SET n = per_stream.n + excluded.n",
-                values.join(",")
+                pairs(counts.len())
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (stream, n) in counts {

@@ -47,6 +47,8 @@ pub struct ServiceConfig {
     pub resilience: ResilienceConfig,
     /// The service's database.
     pub database: DatabaseConfig,
+    /// The message bus (`[bus]`).
+    pub bus: BusConfig,
 }
 
 impl Default for ServiceConfig {
@@ -70,6 +72,7 @@ impl Default for ServiceConfig {
             client: CallerConfig::default(),
             resilience: ResilienceConfig::default(),
             database: DatabaseConfig::default(),
+            bus: BusConfig::default(),
         }
     }
 }
@@ -102,6 +105,47 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// Which bus backend a service uses.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BusBackend {
+    /// The embedded broker the control plane hosts.
+    #[default]
+    Embedded,
+    /// A NATS JetStream server.
+    Jetstream,
+}
+
+/// The `[bus]` table: used only by a service that publishes or consumes.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// `embedded` (default) or `jetstream`.
+    pub backend: BusBackend,
+    /// Embedded: the broker's address (`127.0.0.1:7071`); by default the control
+    /// plane at `registry_url` says where its broker is. JetStream: the server's URL
+    /// (`nats://127.0.0.1:4222`); required.
+    pub url: Option<String>,
+    /// How often the outbox relay looks for committed messages when idle.
+    pub outbox_poll_ms: u64,
+    /// Messages the relay publishes per round, at most.
+    pub outbox_batch: u32,
+    /// How long the inbox remembers a processed message id.
+    pub inbox_retention_ms: u64,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            backend: BusBackend::Embedded,
+            url: None,
+            outbox_poll_ms: 100,
+            outbox_batch: 500,
+            inbox_retention_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
+}
+
 impl ServiceConfig {
     /// Reject settings that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), shoal_core::Error> {
@@ -124,6 +168,18 @@ impl ServiceConfig {
         use shoal_core::registry::limits::{MAX_TTL_MS, MIN_TTL_MS};
         if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&self.ttl_ms) {
             return bad("ttl_ms", "must be between 1000 and 300000");
+        }
+        if !(10..=60_000).contains(&self.bus.outbox_poll_ms) {
+            return bad("bus.outbox_poll_ms", "must be between 10 and 60000");
+        }
+        if !(1..=shoal_bus::limits::MAX_BATCH as u32).contains(&self.bus.outbox_batch) {
+            return bad("bus.outbox_batch", "must be between 1 and 1000");
+        }
+        if self.bus.inbox_retention_ms < 60_000 {
+            return bad("bus.inbox_retention_ms", "must be at least 60000");
+        }
+        if self.bus.backend == BusBackend::Jetstream && self.bus.url.is_none() {
+            return bad("bus.url", "required for the jetstream backend");
         }
         self.resilience.validate("resilience")
     }

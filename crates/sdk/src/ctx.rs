@@ -21,6 +21,8 @@ pub(crate) struct CtxInner {
     pub(crate) caller: Caller,
     pub(crate) metrics: Metrics,
     pub(crate) config: ServiceConfig,
+    pub(crate) bus: Option<shoal_bus::SharedBus>,
+    pub(crate) outbox: Option<crate::messaging::Outbox>,
 }
 
 impl Ctx {
@@ -49,6 +51,36 @@ impl Ctx {
             Some(store) => store,
             None => panic!(
                 "service {} has no event store: call Service::event_store",
+                self.0.name
+            ),
+        }
+    }
+
+    /// The message bus, to publish directly (see [`Ctx::outbox`] to publish with a
+    /// database change).
+    ///
+    /// # Panics
+    /// If the service uses no bus (no topic, consumer, outbox or
+    /// [`crate::Service::bus`]): a programming error.
+    pub fn bus(&self) -> &shoal_bus::SharedBus {
+        match &self.0.bus {
+            Some(bus) => bus,
+            None => panic!(
+                "service {} has no bus: declare a topic, a consumer or the outbox",
+                self.0.name
+            ),
+        }
+    }
+
+    /// The transactional outbox.
+    ///
+    /// # Panics
+    /// If the service was built without [`crate::Service::outbox`].
+    pub fn outbox(&self) -> &crate::messaging::Outbox {
+        match &self.0.outbox {
+            Some(outbox) => outbox,
+            None => panic!(
+                "service {} has no outbox: call Service::outbox",
                 self.0.name
             ),
         }

@@ -27,13 +27,15 @@
 //! deadlines, bulkhead, rate limit); run-time fault injection for chaos tests; and
 //! a graceful shutdown on SIGTERM/SIGINT (deregister, drain, stop).
 
+mod bus_connect;
 mod config;
 mod ctx;
 mod health;
+pub mod messaging;
 mod service;
 pub mod testing;
 
-pub use config::{DatabaseConfig, ServiceConfig};
+pub use config::{BusBackend, BusConfig, DatabaseConfig, ServiceConfig};
 pub use ctx::Ctx;
 pub use service::{RunningService, Service};
 pub use shoal_core::{ApiError, Error, ErrorKind, Origin};
@@ -44,6 +46,9 @@ pub use shoal_telemetry::{Metrics, RequestContext};
 /// Event sourcing and CQRS: the event store, aggregates, projections, the
 /// read-through cache (`Service::event_store`, `Ctx::events`).
 pub use shoal_eventstore as events;
+
+/// The bus contract (topics, consumer groups, messages), whatever the backend.
+pub use shoal_bus as bus;
 
 /// Resilience policies and fallbacks (`shoal::resilience::with_fallback`,
 /// `LastGood`); the service client applies the configured policies by itself.

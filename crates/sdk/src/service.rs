@@ -1,9 +1,11 @@
 use crate::ctx::CtxInner;
 use crate::health::{self, Check, Health};
+use crate::messaging::{self, Handler, Outbox};
 use crate::{Ctx, Db, DbOptions, Migration, ServiceConfig};
 use axum::extract::DefaultBodyLimit;
 use axum::{Extension, Router};
 use http::HeaderValue;
+use shoal_bus::{SharedBus, SubscribeOptions, TopicSpec};
 use shoal_core::registry::Registration;
 use shoal_core::Error;
 use shoal_discovery::{Balancer, Caller, Discovery, FaultWatch, Lease, RegistryClient};
@@ -33,6 +35,10 @@ pub struct Service {
     env: Option<Vec<(String, String)>>,
     event_store: Option<Upcasters>,
     projections: Vec<Arc<dyn Projection>>,
+    bus: Option<SharedBus>,
+    topics: Vec<TopicSpec>,
+    consumers: Vec<messaging::Consumer>,
+    outbox: bool,
 }
 
 impl Service {
@@ -48,6 +54,10 @@ impl Service {
             env: None,
             event_store: None,
             projections: Vec::new(),
+            bus: None,
+            topics: Vec::new(),
+            consumers: Vec::new(),
+            outbox: false,
         }
     }
 
@@ -82,6 +92,52 @@ impl Service {
     /// background from start to shutdown, its lag in the service's metrics.
     pub fn projection(mut self, projection: Arc<dyn Projection>) -> Self {
         self.projections.push(projection);
+        self
+    }
+
+    /// Make sure `topic` exists at start (created if missing; a start error if it
+    /// exists with other partitions).
+    pub fn topic(mut self, topic: TopicSpec) -> Self {
+        self.topics.push(topic);
+        self
+    }
+
+    /// Consume `topic` in the group named after the service, with default options:
+    /// each message is handled once per group, its effects and its id committed
+    /// together (the inbox), so a redelivery has no second effect. Needs
+    /// [`Service::database`].
+    pub fn consume(self, topic: &str, handler: Arc<dyn Handler>) -> Self {
+        self.consume_with(topic, None, SubscribeOptions::default(), handler)
+    }
+
+    /// [`Service::consume`] with a group of another name and other options.
+    pub fn consume_with(
+        mut self,
+        topic: &str,
+        group: Option<&str>,
+        options: SubscribeOptions,
+        handler: Arc<dyn Handler>,
+    ) -> Self {
+        self.consumers.push(messaging::Consumer {
+            topic: topic.to_string(),
+            group: group.map(str::to_string),
+            options,
+            handler,
+        });
+        self
+    }
+
+    /// Publish through the transactional outbox ([`Ctx::outbox`]): messages put in
+    /// it in a database transaction are published after it commits, by a relay in
+    /// the background. Needs [`Service::database`].
+    pub fn outbox(mut self) -> Self {
+        self.outbox = true;
+        self
+    }
+
+    /// Use this bus instead of the one `[bus]` configures (tests, other backends).
+    pub fn bus(mut self, bus: SharedBus) -> Self {
+        self.bus = Some(bus);
         self
     }
 
@@ -157,7 +213,7 @@ impl Service {
     }
 
     /// Start serving and return a handle; [`RunningService::shutdown`] stops it.
-    pub async fn start(self) -> Result<RunningService, Error> {
+    pub async fn start(mut self) -> Result<RunningService, Error> {
         shoal_core::names::validate_service_name(&self.name).map_err(Error::config)?;
         let env: Vec<(String, String)> = self.env.unwrap_or_else(|| std::env::vars().collect());
         let file = self.config_file.or_else(|| {
@@ -218,6 +274,33 @@ impl Service {
             _ => None,
         };
 
+        let uses_bus = self.bus.is_some()
+            || !self.topics.is_empty()
+            || !self.consumers.is_empty()
+            || self.outbox;
+        if (self.outbox || !self.consumers.is_empty()) && db.is_none() {
+            return Err(Error::config(
+                "the outbox and consumers keep their state in the service's database: call Service::database",
+            ));
+        }
+        let bus: Option<SharedBus> = match self.bus.take() {
+            Some(bus) => Some(bus),
+            None if uses_bus => Some(crate::bus_connect::connect(&cfg).await?),
+            None => None,
+        };
+        if let Some(bus) = &bus {
+            for t in &self.topics {
+                bus.create_topic(t).await.map_err(|e| {
+                    Error::new(e.kind(), e.origin(), format!("topic {}: {e}", t.name))
+                })?;
+            }
+            if let Some(db) = &db {
+                if self.outbox || !self.consumers.is_empty() {
+                    messaging::prepare(db).await?;
+                }
+            }
+        }
+
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| {
@@ -258,6 +341,8 @@ impl Service {
             caller,
             metrics: metrics.clone(),
             config: cfg.clone(),
+            bus: bus.clone(),
+            outbox: self.outbox.then(Outbox::new),
         }));
         let (projections_stop, projections_stopped) = tokio::sync::watch::channel(false);
         let projections: Vec<JoinHandle<()>> = match &events {
@@ -275,6 +360,36 @@ impl Service {
                 .collect(),
             None => Vec::new(),
         };
+        let mut background = projections;
+        if let Some(bus) = &bus {
+            let settings = messaging::Settings {
+                poll: Duration::from_millis(cfg.bus.outbox_poll_ms),
+                batch: cfg.bus.outbox_batch,
+                inbox_retention_ms: cfg.bus.inbox_retention_ms,
+            };
+            let mm = messaging::MessagingMetrics::new(&metrics);
+            if let (Some(outbox), Some(db)) = (&ctx.0.outbox, &ctx.0.db) {
+                background.push(tokio::spawn(messaging::relay(
+                    db.clone(),
+                    bus.clone(),
+                    outbox.clone(),
+                    instance_id.clone(),
+                    settings.clone(),
+                    mm.clone(),
+                    projections_stopped.clone(),
+                )));
+            }
+            for c in self.consumers {
+                background.push(tokio::spawn(messaging::consume(
+                    ctx.clone(),
+                    bus.clone(),
+                    c,
+                    settings.clone(),
+                    mm.clone(),
+                    projections_stopped.clone(),
+                )));
+            }
+        }
 
         let draining = Arc::new(AtomicBool::new(false));
         let health = Health {
@@ -347,7 +462,7 @@ impl Service {
             lease,
             draining,
             _fault_watch: fault_watch,
-            projections,
+            projections: background,
             projections_stop,
             stop: Some(stop_tx),
             server: Some(server),
@@ -419,7 +534,8 @@ impl RunningService {
 }
 
 impl RunningService {
-    /// Stop the projection runners (each finishes the batch it is in).
+    /// Stop the projection runners (each finishes the batch it is in), the outbox
+    /// relay and the consumers (each finishes the message it is handling).
     async fn stop_projections(&mut self) {
         let _ = self.projections_stop.send(true);
         for p in self.projections.drain(..) {

@@ -5,4 +5,5 @@
 //! test run by hand starts them on first use.
 
 pub mod bus;
+pub mod nats;
 pub mod postgres;

@@ -1,0 +1,281 @@
+//! Messaging through the SDK, on each bus backend: the transactional outbox survives
+//! a publisher that cannot publish and a restart, the idempotent inbox gives each
+//! message one effect through a full replay, and a failing handler has its message
+//! delivered again.
+
+use axum::Router;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use shoal::bus::{
+    BoxFuture, Bus, OutgoingMessage, Published, SharedBus, StartAt, SubscribeOptions, TopicSpec,
+};
+use shoal::messaging::{Handler, HandlerFuture, Message};
+use shoal::testing::{get as http_get, request};
+use shoal::{Ctx, Migration, Service};
+use shoal_core::{Error, ErrorKind, Origin};
+use shoal_tests::{eventually, temp_dir};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A bus whose publishes fail while `down` is set: a publisher cut off from its
+/// broker. Everything else passes through to the real bus.
+struct Switch {
+    inner: SharedBus,
+    down: AtomicBool,
+}
+
+impl Bus for Switch {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn create_topic<'a>(&'a self, spec: &'a TopicSpec) -> BoxFuture<'a, Result<(), Error>> {
+        self.inner.create_topic(spec)
+    }
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        batch: Vec<OutgoingMessage>,
+    ) -> BoxFuture<'a, Result<Vec<Published>, Error>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(Error::new(
+                    ErrorKind::Unavailable,
+                    Origin::Upstream,
+                    "the broker is unreachable",
+                ))
+            });
+        }
+        self.inner.publish(topic, batch)
+    }
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn shoal::bus::Consumer>, Error>> {
+        self.inner.subscribe(topic, group, options)
+    }
+    fn seek<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        to: StartAt,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        self.inner.seek(topic, group, to)
+    }
+    fn lag<'a>(&'a self, topic: &'a str, group: &'a str) -> BoxFuture<'a, Result<u64, Error>> {
+        self.inner.lag(topic, group)
+    }
+}
+
+static ORDERS: &[Migration] = &[Migration::new(
+    1,
+    "orders",
+    "CREATE TABLE orders (id TEXT PRIMARY KEY)",
+)];
+
+static LEDGER: &[Migration] = &[Migration::new(
+    1,
+    "ledger",
+    "CREATE TABLE ledger (order_id TEXT PRIMARY KEY, n BIGINT NOT NULL)",
+)];
+
+/// The orders service: an order and its event commit together.
+fn orders(bus: SharedBus, topic: &str) -> Service {
+    let topic = topic.to_string();
+    let routes = Router::new().route(
+        "/orders/{id}",
+        axum::routing::post(
+            move |ctx: Ctx, axum::extract::Path(id): axum::extract::Path<String>| {
+                let topic = topic.clone();
+                async move {
+                    let err = |e: shoal::sqlx::Error| {
+                        shoal::ApiError::from(Error::internal("orders").with_source(e))
+                    };
+                    let mut tx = ctx.db().pool().begin().await.map_err(err)?;
+                    shoal::sqlx::query("INSERT INTO orders (id) VALUES ($1)")
+                        .bind(&id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err)?;
+                    let m = OutgoingMessage::new(Bytes::from(id.clone()))
+                        .with_id(format!("order-{id}"))
+                        .with_key(id.clone());
+                    ctx.outbox().enqueue(&mut tx, &topic, &m).await?;
+                    tx.commit().await.map_err(err)?;
+                    Ok::<_, shoal::ApiError>("placed")
+                }
+            },
+        ),
+    );
+    Service::new("orders")
+        .database(ORDERS)
+        .bus(bus)
+        .outbox()
+        .routes(routes)
+}
+
+/// Counts each order's effects: a second effect of one message would show as 2.
+struct Ledger {
+    fail_once: String,
+    failed: AtomicU32,
+}
+
+impl Handler for Ledger {
+    fn handle<'a>(
+        &'a self,
+        _ctx: &'a Ctx,
+        message: &'a Message,
+        tx: &'a mut shoal::sqlx::AnyConnection,
+    ) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let order = String::from_utf8_lossy(&message.payload).into_owned();
+            shoal::sqlx::query(
+                "INSERT INTO ledger (order_id, n) VALUES ($1, 1)
+                 ON CONFLICT (order_id) DO UPDATE SET n = ledger.n + 1",
+            )
+            .bind(&order)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| Error::internal("ledger").with_source(e))?;
+            // Fail after writing: the write must be rolled back with the failure.
+            if order == self.fail_once && self.failed.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(Error::internal("the ledger is having a bad moment"));
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn ledger_rows(ctx: &Ctx) -> Vec<(String, i64)> {
+    shoal::sqlx::query_as("SELECT order_id, n FROM ledger ORDER BY order_id")
+        .fetch_all(ctx.db().pool())
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn outbox_and_inbox_give_each_order_exactly_one_effect(bus: SharedBus, topic: String) {
+    let dir = temp_dir("outbox");
+    let switch = Arc::new(Switch {
+        inner: bus.clone(),
+        down: AtomicBool::new(true),
+    });
+    bus.create_topic(&TopicSpec::new(&topic, 2)).await.unwrap();
+
+    // 1. The orders service cannot reach the broker: orders still commit, their
+    //    events wait in the outbox.
+    let svc = shoal::testing::start_alone(orders(switch.clone(), &topic), &dir)
+        .await
+        .unwrap();
+    for i in 0..10 {
+        let a = request(
+            svc.addr(),
+            Method::POST,
+            &format!("/orders/o{i}"),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    }
+    let addr = svc.addr();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let m = http_get(addr, "/metrics")
+                .await
+                .map(|a| a.text())
+                .unwrap_or_default();
+            metric(&m, "shoal_outbox_backlog") == 10.0
+        })
+        .await,
+        "the backlog never showed the 10 waiting events"
+    );
+    assert_eq!(bus.lag(&topic, "ledger").await.unwrap_or(0), 0);
+    // 2. It stops with its events unpublished (as a crash after commit would leave
+    //    them), and starts again with the broker reachable: the relay sends them.
+    svc.shutdown().await.unwrap();
+    switch.down.store(false, Ordering::SeqCst);
+    let svc = shoal::testing::start_alone(orders(switch.clone(), &topic), &dir)
+        .await
+        .unwrap();
+
+    // 3. The ledger consumes them through its inbox.
+    let ledger_dir = temp_dir("ledger");
+    let handler = Arc::new(Ledger {
+        fail_once: "o7".into(),
+        failed: AtomicU32::new(0),
+    });
+    let options = SubscribeOptions {
+        ack_timeout_ms: 2_000,
+        backoff_initial_ms: 50,
+        backoff_max_ms: 200,
+        ..SubscribeOptions::default()
+    };
+    let ledger = shoal::testing::start_alone(
+        Service::new("ledger")
+            .database(LEDGER)
+            .bus(bus.clone())
+            .consume_with(&topic, Some("ledger"), options, handler.clone()),
+        &ledger_dir,
+    )
+    .await
+    .unwrap();
+    let want: Vec<(String, i64)> = (0..10).map(|i| (format!("o{i}"), 1)).collect();
+    let ctx = ledger.ctx().clone();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            ledger_rows(&ctx).await == want
+        })
+        .await,
+        "ledger: {:?}",
+        ledger_rows(&ctx).await
+    );
+    assert!(
+        handler.failed.load(Ordering::SeqCst) >= 2,
+        "o7 failed once, then passed"
+    );
+
+    // 4. The whole topic again (a replay): every message is a duplicate now, and
+    //    the inbox keeps each at one effect.
+    bus.seek(&topic, "ledger", StartAt::Earliest).await.unwrap();
+    let laddr = ledger.addr();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let m = http_get(laddr, "/metrics")
+                .await
+                .map(|a| a.text())
+                .unwrap_or_default();
+            metric(&m, "shoal_inbox_duplicates_total") >= 10.0
+        })
+        .await,
+        "the replay was not recognised"
+    );
+    assert_eq!(ledger_rows(&ctx).await, want);
+    let m = http_get(svc.addr(), "/metrics").await.unwrap().text();
+    assert_eq!(metric(&m, "shoal_outbox_backlog"), 0.0, "{m}");
+    ledger.shutdown().await.unwrap();
+    svc.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_jetstream_outbox_and_inbox_give_each_order_exactly_one_effect() {
+    let options = shoal_bus_nats::NatsOptions {
+        prefix: Some(shoal_testkit::nats::unique_prefix()),
+        ..Default::default()
+    };
+    let bus: SharedBus = Arc::new(
+        shoal_bus_nats::JetStreamBus::connect(shoal_testkit::nats::url(), options)
+            .await
+            .unwrap(),
+    );
+    outbox_and_inbox_give_each_order_exactly_one_effect(bus, "orders.placed".into()).await;
+}

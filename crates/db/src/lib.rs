@@ -224,9 +224,13 @@ impl Db {
             .busy_timeout(Duration::from_secs(5));
         // The native pool opens the file first: it creates it and switches it to WAL
         // (a property of the file), so the portable pool's connections find it so.
+        // No ping before handing out a connection: a SQLite connection is a file
+        // handle, not a socket that can die, and the ping is a round trip to the
+        // connection's thread on every acquire.
         let native = SqlitePoolOptions::new()
             .max_connections(opts.max_connections)
             .acquire_timeout(opts.acquire_timeout)
+            .test_before_acquire(false)
             .connect_with(native_opts)
             .await
             .map_err(db_err(format!("cannot open database {path}")))?;
@@ -235,6 +239,7 @@ impl Db {
         let any = AnyPoolOptions::new()
             .max_connections(opts.max_connections)
             .acquire_timeout(opts.acquire_timeout)
+            .test_before_acquire(false)
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     sqlx::raw_sql(

@@ -58,11 +58,10 @@ pub(crate) async fn commit_group(
         Ok(c) => c,
         Err(e) => return fail_all(group, &db_err("acquiring a connection to append")(e)),
     };
-    if let Err(e) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
-        return fail_all(group, &db_err("starting an append transaction")(e));
-    }
-    let results = match append_group(&mut conn, group).await {
-        Ok(results) => results,
+    // The transaction begins with the group's check and ends with its insert, in
+    // the same statements: each statement is a round trip to SQLite's thread.
+    let (results, committed) = match append_group(&mut conn, group, Ends::Both).await {
+        Ok(done) => done,
         Err(GroupError::Fatal(e)) => {
             let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
             return fail_all(group, &e);
@@ -77,9 +76,12 @@ pub(crate) async fn commit_group(
             for w in group {
                 results.push(append_one(&mut conn, w).await);
             }
-            results
+            (results, false)
         }
     };
+    if committed {
+        return results;
+    }
     if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
         let e = db_err("committing appends")(e);
         let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
@@ -93,6 +95,14 @@ enum GroupError {
     OneByOne,
 }
 
+/// Whether [`append_group`] opens and closes the transaction itself (a group
+/// alone) or runs inside one (an append of a refused group).
+#[derive(Clone, Copy, PartialEq)]
+enum Ends {
+    Both,
+    Neither,
+}
+
 /// Rows per INSERT statement: 8 values each, under SQLite's 32,766 variables. Tests
 /// use a tiny one so that groups of several statements (and their savepoint) are
 /// exercised by every larger append.
@@ -101,16 +111,25 @@ const ROWS_PER_INSERT: usize = if cfg!(test) { 3 } else { 4_000 };
 /// The whole group in a few statements: one query for the streams' versions and the
 /// repeated appends, then every accepted event in one INSERT (a few for a very
 /// large group), so the group costs about as much as one append.
+///
+/// With [`Ends::Both`] the check query begins the transaction (`BEGIN IMMEDIATE`)
+/// and the last INSERT commits it, when that is safe (one INSERT, no savepoint);
+/// the answer says whether it did.
 async fn append_group(
     conn: &mut SqliteConnection,
     group: &[Write],
-) -> Result<Vec<Result<Appended, Error>>, GroupError> {
+    ends: Ends,
+) -> Result<(Vec<Result<Appended, Error>>, bool), GroupError> {
     let fatal = |what: &'static str| move |e: sqlx::Error| GroupError::Fatal(db_err(what)(e));
     let (streams, ids) = lookups(group);
     // One sub-select per stream: SQLite answers `MAX(version)` for one stream from
     // the end of the (stream, version) index, where a GROUP BY over an IN list would
     // walk every event of every stream in it.
-    let mut sql = String::new();
+    let mut sql = String::from(if ends == Ends::Both {
+        "BEGIN IMMEDIATE; "
+    } else {
+        ""
+    });
     for _ in &streams {
         sql.push_str(
             "SELECT 0, ?, '', (SELECT COALESCE(MAX(version), 0) FROM _shoal_es_events WHERE stream = ?), 0 UNION ALL ",
@@ -145,6 +164,7 @@ async fn append_group(
 
     // Every accepted event, in order; positions follow one another.
     let mut first_position = 0u64;
+    let mut committed = false;
     if rows > 0 {
         // One statement is undone by SQLite itself when it fails; several need a
         // savepoint to be undone together.
@@ -158,9 +178,14 @@ async fn append_group(
         let now = shoal_core::unix_ms() as i64;
         let pending = rows_of(group, &plans, rows);
         let mut last_position = 0i64;
+        // A lone INSERT can carry the COMMIT: if it fails, the COMMIT is not run.
+        let commit = ends == Ends::Both && !several;
         for chunk in pending.chunks(ROWS_PER_INSERT) {
-            match insert_rows(conn, chunk, now).await {
-                Ok(p) => last_position = p,
+            match insert_rows(conn, chunk, now, commit).await {
+                Ok(p) => {
+                    last_position = p;
+                    committed = commit;
+                }
                 Err(e)
                     if e.as_database_error()
                         .is_some_and(|d| d.is_unique_violation()) =>
@@ -184,7 +209,7 @@ async fn append_group(
         }
         first_position = last_position as u64 + 1 - rows as u64;
     }
-    Ok(answers(group, plans, first_position))
+    Ok((answers(group, plans, first_position), committed))
 }
 
 /// Insert rows (append, its base version, event, offset in the append) in one
@@ -193,6 +218,7 @@ async fn insert_rows(
     conn: &mut SqliteConnection,
     rows: &[(&Write, u64, &Encoded, u64)],
     now: i64,
+    commit: bool,
 ) -> Result<i64, sqlx::Error> {
     let mut sql = String::from(
         "INSERT INTO _shoal_es_events
@@ -203,6 +229,9 @@ async fn insert_rows(
             sql.push(',');
         }
         sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)");
+    }
+    if commit {
+        sql.push_str("; COMMIT");
     }
     // Built from fixed fragments only; every value is bound.
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -223,8 +252,8 @@ async fn insert_rows(
 /// One append alone (after its group was refused): a group of one, so the same
 /// decisions; a refused insert is then this append's own.
 async fn append_one(conn: &mut SqliteConnection, w: &Write) -> Result<Appended, Error> {
-    match append_group(conn, std::slice::from_ref(w)).await {
-        Ok(mut results) => results
+    match append_group(conn, std::slice::from_ref(w), Ends::Neither).await {
+        Ok((mut results, _)) => results
             .pop()
             .unwrap_or_else(|| Err(Error::internal("an append went unanswered"))),
         Err(GroupError::Fatal(e)) => Err(e),

@@ -211,6 +211,26 @@ mod tests {
         running.shutdown().await.unwrap();
     }
 
+    /// The same service on its own PostgreSQL database: one setting, no code.
+    #[tokio::test]
+    async fn runs_unchanged_on_postgres() {
+        let dir = data_dir("postgres");
+        let url = shoal_testkit::postgres::fresh_database().await;
+        let running = testing::start_alone(service().env([("SHOAL_DATABASE__URL", url)]), &dir)
+            .await
+            .unwrap();
+        assert_eq!(running.ctx().db().backend(), shoal::Backend::Postgres);
+        let a = testing::get(running.addr(), "/api/products").await.unwrap();
+        assert_eq!(a.status, 200, "{}", a.text());
+        let v = a.json();
+        v.as_array().unwrap().iter().for_each(assert_product);
+        let a = testing::get(running.addr(), "/api/products/p-1")
+            .await
+            .unwrap();
+        assert_eq!(a.json()["price_cents"], 12999);
+        running.shutdown().await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_restart_keeps_the_seed_rows_single() {
         let dir = data_dir("restart");

@@ -90,12 +90,15 @@ pub async fn control_plane_at(
         .await
         .expect("bind control plane");
     let addr = listener.local_addr().expect("addr");
-    let cfg = ControlPlaneConfig {
+    let mut cfg = ControlPlaneConfig {
         listen: addr,
         data_dir,
         log_level: "info".into(),
         registry,
+        ..ControlPlaneConfig::default()
     };
+    // Tests run many control planes at once: each broker on a free port.
+    cfg.broker.listen = "127.0.0.1:0".parse().expect("addr");
     Server::spawn(addr, |stopped| async move {
         let _ = shoal_control_plane::run(cfg, listener, stopped).await;
     })

@@ -1,19 +1,22 @@
 //! The shoal control plane: one process that hosts the platform's shared parts.
 //!
 //! Today it hosts the service registry, the fault table of run-time fault injection
-//! ([`FaultTable`], `/v1/faults`) and the circuit breaker overview (`/v1/breakers`,
-//! gathered from every instance on request). The embedded broker, the certificate
-//! authority, the trace collector and the dashboard join it here, each as a router
-//! merged into [`router`] and a background task started by [`run`].
+//! ([`FaultTable`], `/v1/faults`), the circuit breaker overview (`/v1/breakers`,
+//! gathered from every instance on request) and the embedded message broker
+//! (`shoal-broker`, on a TCP port of its own; `GET /v1/broker` says where). The
+//! certificate authority, the trace collector and the dashboard join it here, each
+//! as a router merged into [`router`] and a background task started by [`run`].
 
 mod breakers;
 mod faults;
 
 pub use faults::{FaultError, FaultTable};
 
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
+use shoal_broker::{Broker, BrokerConfig};
 use shoal_core::Error;
 use shoal_registry::{Registry, RegistryConfig};
 use shoal_telemetry::http::ServerTelemetry;
@@ -35,6 +38,8 @@ pub struct ControlPlaneConfig {
     pub log_level: String,
     /// The registry.
     pub registry: RegistryConfig,
+    /// The embedded message broker (`[control_plane.broker]`).
+    pub broker: BrokerConfig,
 }
 
 impl Default for ControlPlaneConfig {
@@ -44,13 +49,27 @@ impl Default for ControlPlaneConfig {
             data_dir: PathBuf::from(".shoal/control-plane"),
             log_level: "info".into(),
             registry: RegistryConfig::default(),
+            broker: BrokerConfig::default(),
         }
     }
 }
 
 /// The control plane's HTTP API: the registry's routes, the fault table's, the
-/// breaker overview, health and metrics.
+/// breaker overview, health and metrics (`GET /v1/broker` answers that no broker
+/// runs; see [`router_with_broker`]).
 pub fn router(registry: Registry, faults: FaultTable, metrics: Metrics) -> Router {
+    router_with_broker(registry, faults, metrics, None)
+}
+
+/// [`router`], with `GET /v1/broker` answering `{"addr": "<broker>"}` (or 404
+/// `not_found` when `broker` is `None`): services find the broker from the
+/// registry's URL alone.
+pub fn router_with_broker(
+    registry: Registry,
+    faults: FaultTable,
+    metrics: Metrics,
+    broker: Option<SocketAddr>,
+) -> Router {
     let render = metrics.clone();
     let telemetry = Arc::new(ServerTelemetry {
         metrics,
@@ -63,6 +82,20 @@ pub fn router(registry: Registry, faults: FaultTable, metrics: Metrics) -> Route
     shoal_registry::router(registry.clone())
         .merge(faults::router(faults))
         .merge(breakers::router(registry))
+        .route(
+            "/v1/broker",
+            get(move || async move {
+                match broker {
+                    Some(addr) => {
+                        Json(serde_json::json!({"addr": addr.to_string()})).into_response()
+                    }
+                    None => shoal_core::ApiError::not_found(
+                        "the broker is not running here ([control_plane.broker] enabled = false)",
+                    )
+                    .into_response(),
+                }
+            }),
+        )
         .route(
             "/health/ready",
             get(|| async { Json(serde_json::json!({"status": "ready"})) }),
@@ -87,8 +120,18 @@ pub async fn run(
     let registry = Registry::new(cfg.registry.clone())?;
     let metrics = Metrics::new("control-plane");
     let faults = FaultTable::new();
-    let app = router(registry.clone(), faults.clone(), metrics);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let broker = if cfg.broker.enabled {
+        Some(start_broker(&cfg, &metrics, stop_rx.clone()).await?)
+    } else {
+        None
+    };
+    let app = router_with_broker(
+        registry.clone(),
+        faults.clone(),
+        metrics,
+        broker.as_ref().map(|b| b.addr),
+    );
     let expiry = {
         let mut rx = stop_rx.clone();
         tokio::spawn(async move {
@@ -120,5 +163,165 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     let _ = background.await;
     let _ = expiry.await;
+    if let Some(b) = broker {
+        // Connections first (the server stops on the same signal), then the logs.
+        let _ = b.server.await;
+        b.broker.close().await;
+    }
     Ok(())
+}
+
+/// The broker as the control plane runs it.
+struct HostedBroker {
+    addr: SocketAddr,
+    broker: Broker,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// Opens the broker in `<data_dir>/broker` (or `broker.data_dir`), binds
+/// `broker.listen` and serves until `stop` turns true.
+async fn start_broker(
+    cfg: &ControlPlaneConfig,
+    metrics: &Metrics,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<HostedBroker, Error> {
+    let b = &cfg.broker;
+    b.validate()?;
+    let dir = b
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("broker"));
+    let listener = tokio::net::TcpListener::bind(b.listen).await.map_err(|e| {
+        Error::config(format!("broker.listen: cannot listen on {}", b.listen)).with_source(e)
+    })?;
+    let addr = listener.local_addr()?;
+    let broker = Broker::open(&dir, b.clone(), metrics).await?;
+    tracing::info!(%addr, dir = %dir.display(), "broker listening");
+    let served = broker.clone();
+    let server = tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = shoal_broker::serve(listener, served, stopped).await {
+            tracing::error!(error = %e, "broker server failed");
+        }
+    });
+    Ok(HostedBroker {
+        addr,
+        broker,
+        server,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use shoal_bus::{Bus, OutgoingMessage, TopicSpec};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("shoal-cp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// `GET path` over a fresh connection: (status, body).
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: cp\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out[9..12].parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap();
+        (status, body)
+    }
+
+    struct Running {
+        addr: SocketAddr,
+        stop: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<Result<(), Error>>,
+    }
+
+    async fn start(cfg: ControlPlaneConfig) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(cfg, listener, async {
+            let _ = rx.await;
+        }));
+        Running { addr, stop, task }
+    }
+
+    fn config(dir: &std::path::Path) -> ControlPlaneConfig {
+        ControlPlaneConfig {
+            data_dir: dir.to_path_buf(),
+            broker: BrokerConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                ..BrokerConfig::default()
+            },
+            ..ControlPlaneConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn hosts_the_broker_says_where_and_counts_it_in_metrics() {
+        let dir = temp_dir("broker");
+        for round in 0..2 {
+            let cp = start(config(&dir)).await;
+            // The control plane answers once it serves; the broker was opened before.
+            let (status, body) = loop {
+                if let Ok(s) = tokio::net::TcpStream::connect(cp.addr).await {
+                    drop(s);
+                    break get(cp.addr, "/v1/broker").await;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let addr: SocketAddr = v["addr"].as_str().unwrap().parse().unwrap();
+            assert_ne!(addr.port(), 0);
+            let bus = shoal_broker::EmbeddedBus::connect(addr).await.unwrap();
+            // The topic survives the restart of round 1.
+            bus.create_topic(&TopicSpec::new("t", 1)).await.unwrap();
+            let p = bus
+                .publish("t", vec![OutgoingMessage::new(&b"x"[..])])
+                .await
+                .unwrap();
+            assert_eq!(p[0].offset, round);
+            let (_, metrics) = get(cp.addr, "/metrics").await;
+            assert!(
+                metrics.contains("shoal_broker_published_total{"),
+                "{metrics}"
+            );
+            drop(bus);
+            cp.stop.send(()).unwrap();
+            cp.task.await.unwrap().unwrap();
+        }
+        assert!(dir.join("broker").join("topics.json").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_disabled_broker_is_not_found_and_a_bad_one_names_its_key() {
+        let dir = temp_dir("no-broker");
+        let mut cfg = config(&dir);
+        cfg.broker.enabled = false;
+        let cp = start(cfg).await;
+        let (status, body) = get(cp.addr, "/v1/broker").await;
+        assert_eq!(status, 404, "{body}");
+        cp.stop.send(()).unwrap();
+        cp.task.await.unwrap().unwrap();
+        assert!(!dir.join("broker").exists());
+
+        let mut cfg = config(&dir);
+        cfg.broker.max_topics = 0;
+        let err = start(cfg).await.task.await.unwrap().unwrap_err();
+        assert!(err.to_string().starts_with("broker.max_topics"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

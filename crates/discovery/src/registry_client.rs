@@ -272,6 +272,19 @@ impl RegistryClient {
         Self::decode::<Removed>(status, &bytes, "clear faults").map(|r| r.removed)
     }
 
+    /// Where the control plane's embedded broker listens (`NotFound` when it runs
+    /// none).
+    pub async fn broker_addr(&self) -> Result<String, Error> {
+        #[derive(serde::Deserialize)]
+        struct Broker {
+            addr: String,
+        }
+        let (status, bytes) = self
+            .call(Method::GET, "/v1/broker", None, self.timeout)
+            .await?;
+        Self::decode::<Broker>(status, &bytes, "broker address").map(|b| b.addr)
+    }
+
     /// Every instance's circuit breakers, gathered by the control plane; instances
     /// that did not answer are listed in `unreachable`.
     pub async fn breakers(&self) -> Result<BreakerList, Error> {

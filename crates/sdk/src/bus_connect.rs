@@ -9,9 +9,26 @@ use std::sync::Arc;
 /// at `registry_url` says its broker listens), or NATS JetStream at `bus.url`.
 pub(crate) async fn connect(cfg: &ServiceConfig) -> Result<SharedBus, Error> {
     match cfg.bus.backend {
-        BusBackend::Embedded => Err(Error::config(
-            "bus: the embedded broker client is not wired yet",
-        )),
+        BusBackend::Embedded => {
+            let addr = match &cfg.bus.url {
+                Some(addr) => addr.clone(),
+                None => shoal_discovery::RegistryClient::new(&cfg.registry_url)?
+                    .broker_addr()
+                    .await
+                    .map_err(|e| {
+                        Error::new(
+                            e.kind(),
+                            e.origin(),
+                            format!(
+                                "bus: asking the control plane at {} where its broker is: {e}",
+                                cfg.registry_url
+                            ),
+                        )
+                    })?,
+            };
+            let bus = shoal_broker::EmbeddedBus::connect(addr.as_str()).await?;
+            Ok(Arc::new(bus))
+        }
         BusBackend::Jetstream => {
             let url = cfg
                 .bus

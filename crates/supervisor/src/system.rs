@@ -113,6 +113,7 @@ impl SystemFile {
     pub fn validate(&self) -> Result<(), Error> {
         self.gateway.validate()?;
         self.control_plane.registry.validate()?;
+        self.control_plane.broker.validate()?;
         for (name, s) in &self.services {
             shoal_core::names::validate_service_name(name)
                 .map_err(|e| Error::config(format!("services.{name}: {e}")))?;

@@ -3,6 +3,7 @@
 //! (`system`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod broker;
 mod messaging;
 mod platform;
 mod resilience;

@@ -162,7 +162,13 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-async fn outbox_and_inbox_give_each_order_exactly_one_effect(bus: SharedBus, topic: String) {
+/// `registry`: the ledger finds the bus from its config (the control plane says
+/// where its broker is) instead of being handed `bus`.
+async fn outbox_and_inbox_give_each_order_exactly_one_effect(
+    bus: SharedBus,
+    topic: String,
+    registry: Option<String>,
+) {
     let dir = temp_dir("outbox");
     let switch = Arc::new(Switch {
         inner: bus.clone(),
@@ -220,15 +226,19 @@ async fn outbox_and_inbox_give_each_order_exactly_one_effect(bus: SharedBus, top
         backoff_max_ms: 200,
         ..SubscribeOptions::default()
     };
-    let ledger = shoal::testing::start_alone(
-        Service::new("ledger")
-            .database(LEDGER)
-            .bus(bus.clone())
-            .consume_with(&topic, Some("ledger"), options, handler.clone()),
-        &ledger_dir,
-    )
-    .await
-    .unwrap();
+    let mut ledger = Service::new("ledger").database(LEDGER).consume_with(
+        &topic,
+        Some("ledger"),
+        options,
+        handler.clone(),
+    );
+    ledger = match registry {
+        Some(url) => ledger.env([("SHOAL_REGISTRY_URL", url)]),
+        None => ledger.bus(bus.clone()),
+    };
+    let ledger = shoal::testing::start_alone(ledger, &ledger_dir)
+        .await
+        .unwrap();
     let want: Vec<(String, i64)> = (0..10).map(|i| (format!("o{i}"), 1)).collect();
     let ctx = ledger.ctx().clone();
     assert!(
@@ -277,5 +287,27 @@ async fn on_jetstream_outbox_and_inbox_give_each_order_exactly_one_effect() {
             .await
             .unwrap(),
     );
-    outbox_and_inbox_give_each_order_exactly_one_effect(bus, "orders.placed".into()).await;
+    outbox_and_inbox_give_each_order_exactly_one_effect(bus, "orders.placed".into(), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_embedded_broker_outbox_and_inbox_give_each_order_exactly_one_effect() {
+    let cp = shoal_tests::control_plane().await;
+    let addr = shoal_discovery::RegistryClient::new(&cp.url())
+        .unwrap()
+        .broker_addr()
+        .await
+        .unwrap();
+    let bus: SharedBus = Arc::new(
+        shoal_broker::EmbeddedBus::connect(addr.as_str())
+            .await
+            .unwrap(),
+    );
+    outbox_and_inbox_give_each_order_exactly_one_effect(
+        bus,
+        "orders.placed".into(),
+        Some(cp.url()),
+    )
+    .await;
+    cp.stop().await;
 }

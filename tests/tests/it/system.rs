@@ -62,6 +62,8 @@ fn write_system_file(dir: &Path, bins: &Path) -> PathBuf {
 listen = "127.0.0.1:0"
 [control_plane.registry.health]
 interval_ms = 200
+[control_plane.broker]
+listen = "127.0.0.1:0"
 
 [gateway]
 listen = "127.0.0.1:0"

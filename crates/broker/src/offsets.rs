@@ -1,0 +1,165 @@
+//! Committed offsets of one topic's groups, persisted with group commit: every
+//! commit submitted while one is being written joins the next write, so many acks
+//! share one file replacement (two fsyncs).
+
+use crate::util::{from_log, lock};
+use shoal_core::Error;
+use shoal_log::OffsetStore;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tracing::error;
+
+/// Answered once the commits submitted with it are durable.
+pub(crate) type CommitWait = oneshot::Receiver<Result<(), Error>>;
+
+#[derive(Default)]
+struct Pending {
+    updates: BTreeMap<(String, u32), u64>,
+    waiters: Vec<oneshot::Sender<Result<(), Error>>>,
+    /// A task is writing; it picks up whatever is pending when it finishes.
+    running: bool,
+}
+
+struct Inner {
+    /// Locked in a blocking thread while the file is replaced, and briefly to read.
+    store: Mutex<OffsetStore>,
+    pending: Mutex<Pending>,
+}
+
+/// The offsets file of one topic.
+#[derive(Clone)]
+pub(crate) struct Committer {
+    inner: Arc<Inner>,
+}
+
+impl Committer {
+    /// Opens (or starts) the file at `path`. Blocking.
+    pub(crate) fn open(path: &Path) -> Result<Self, Error> {
+        let store = OffsetStore::open(path).map_err(from_log)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store: Mutex::new(store),
+                pending: Mutex::new(Pending::default()),
+            }),
+        })
+    }
+
+    /// The last durable offsets of `group`, by partition.
+    pub(crate) fn group(&self, group: &str) -> BTreeMap<u32, u64> {
+        lock(&self.inner.store).group(group)
+    }
+
+    /// Queues `commits` (`(partition, offset)`, later ones win) for `group`; the
+    /// answer comes once they are on disk. Needs a tokio runtime.
+    pub(crate) fn submit(&self, group: &str, commits: &[(u32, u64)]) -> CommitWait {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut p = lock(&self.inner.pending);
+            for &(partition, offset) in commits {
+                p.updates.insert((group.to_owned(), partition), offset);
+            }
+            p.waiters.push(tx);
+            !std::mem::replace(&mut p.running, true)
+        };
+        if start {
+            tokio::spawn(run(self.inner.clone()));
+        }
+        rx
+    }
+
+    /// Waits until everything submitted so far is written (or failed).
+    pub(crate) async fn flush(&self) {
+        let _ = self.submit("", &[]).await;
+    }
+}
+
+async fn run(inner: Arc<Inner>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (updates, waiters) = {
+            let mut p = lock(&inner.pending);
+            if p.updates.is_empty() && p.waiters.is_empty() {
+                p.running = false;
+                return;
+            }
+            (
+                std::mem::take(&mut p.updates),
+                std::mem::take(&mut p.waiters),
+            )
+        };
+        let result = if updates.is_empty() {
+            Ok(())
+        } else {
+            let inner2 = inner.clone();
+            let u = updates.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                lock(&inner2.store).commit_all(u.iter().map(|((g, p), o)| (g.as_str(), *p, *o)))
+            })
+            .await;
+            match joined {
+                Ok(r) => r.map_err(Some),
+                Err(_) => Err(None),
+            }
+        };
+        match result {
+            Ok(()) => {
+                backoff = Duration::from_millis(100);
+                for w in waiters {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let what = e
+                    .as_ref()
+                    .map_or_else(|| "the writer task died".to_owned(), ToString::to_string);
+                error!(error = %what, "cannot persist consumer offsets; retrying");
+                {
+                    // Newer submissions for the same key win over the failed ones.
+                    let mut p = lock(&inner.pending);
+                    for (k, v) in updates {
+                        p.updates.entry(k).or_insert(v);
+                    }
+                }
+                for w in waiters {
+                    let err = match &e {
+                        Some(e) => from_log(e.clone()),
+                        None => Error::internal("offset writer task died"),
+                    };
+                    let _ = w.send(Err(err));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commits_are_durable_when_answered_and_later_ones_win() {
+        let dir = std::env::temp_dir().join(format!("shoal-broker-offsets-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("offsets");
+        let c = Committer::open(&path).unwrap();
+        let a = c.submit("g", &[(0, 5), (1, 2)]);
+        let b = c.submit("g", &[(0, 7)]);
+        let other = c.submit("h", &[(0, 1)]);
+        a.await.unwrap().unwrap();
+        b.await.unwrap().unwrap();
+        other.await.unwrap().unwrap();
+        c.flush().await;
+        assert_eq!(c.group("g"), BTreeMap::from([(0, 7), (1, 2)]));
+        drop(c);
+        let again = Committer::open(&path).unwrap();
+        assert_eq!(again.group("g"), BTreeMap::from([(0, 7), (1, 2)]));
+        assert_eq!(again.group("h"), BTreeMap::from([(0, 1)]));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -186,20 +186,13 @@ pub fn bin_dir() -> PathBuf {
         .expect("target dir")
 }
 
-/// Build the binaries the process tests run (a no-op when the test command built
-/// them already).
+/// Build the binaries the process tests run: the same command as `scripts/test`'s
+/// build step, so that there it is a no-op. (A narrower `-p` list would unify
+/// features differently and rebuild binaries on every call.)
 pub fn build_binaries() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "-p",
-            "shoal-cli",
-            "-p",
-            "shop-catalog",
-            "-p",
-            "shop-inventory",
-        ])
+        .args(["build", "--workspace", "--bins"])
         .status()
         .expect("run cargo build");
     assert!(status.success(), "building the binaries failed");

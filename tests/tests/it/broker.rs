@@ -5,7 +5,7 @@
 
 use shoal_broker::EmbeddedBus;
 use shoal_bus::{Bus, Consumer, Delivery, OutgoingMessage, SubscribeOptions, TopicSpec};
-use shoal_tests::{bin_dir, temp_dir, ChildGuard};
+use shoal_tests::{bin_dir, build_binaries, temp_dir, ChildGuard};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,18 +17,7 @@ use std::time::Duration;
 /// The longest any wait in these tests lasts.
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Builds the `shoal` binary into this build's target folder (a no-op when it is
-/// current).
-fn build_cli() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-p", "shoal-cli"])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building shoal failed");
-}
-
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -38,16 +27,18 @@ fn free_port() -> u16 {
 
 /// A control plane process on fixed ports and a fixed data folder, so a restart
 /// comes back where the first one was.
-struct ControlPlane {
+pub(crate) struct ControlPlane {
     dir: PathBuf,
     system: PathBuf,
+    /// Its HTTP address (the registry, `/v1/broker`).
+    pub(crate) http: SocketAddr,
     broker: SocketAddr,
     child: Option<ChildGuard>,
     starts: u32,
 }
 
 impl ControlPlane {
-    fn new(tag: &str) -> Self {
+    pub(crate) fn new(tag: &str) -> Self {
         let dir = temp_dir(tag);
         let (http, broker) = (free_port(), free_port());
         let system = dir.join("shoal.toml");
@@ -68,13 +59,14 @@ listen = "127.0.0.1:{broker}"
         Self {
             dir,
             system,
+            http: SocketAddr::from(([127, 0, 0, 1], http)),
             broker: SocketAddr::from(([127, 0, 0, 1], broker)),
             child: None,
             starts: 0,
         }
     }
 
-    fn start(&mut self) {
+    pub(crate) fn start(&mut self) {
         self.starts += 1;
         let log = std::fs::File::create(self.dir.join(format!("cp-{}.log", self.starts))).unwrap();
         let child = Command::new(bin_dir().join("shoal"))
@@ -90,14 +82,14 @@ listen = "127.0.0.1:{broker}"
     }
 
     /// SIGKILL, and wait until the process is gone.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let mut g = self.child.take().expect("running");
         g.0.kill().unwrap();
         g.0.wait().unwrap();
     }
 
     /// A client, once the broker answers.
-    async fn bus(&self) -> EmbeddedBus {
+    pub(crate) async fn bus(&self) -> EmbeddedBus {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             match EmbeddedBus::connect(self.broker).await {
@@ -214,7 +206,7 @@ async fn publish_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_publish_survives_kill_9_of_the_control_plane() {
-    build_cli();
+    build_binaries();
     let mut cp = ControlPlane::new("broker-kill");
     cp.start();
     let bus = cp.bus().await;
@@ -306,7 +298,7 @@ async fn every_acknowledged_publish_survives_kill_9_of_the_control_plane() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_cut_inside_its_last_record_is_repaired_on_restart() {
-    build_cli();
+    build_binaries();
     let mut cp = ControlPlane::new("broker-torn");
     cp.start();
     let bus = cp.bus().await;

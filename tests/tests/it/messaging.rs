@@ -311,3 +311,112 @@ async fn on_the_embedded_broker_outbox_and_inbox_give_each_order_exactly_one_eff
     .await;
     cp.stop().await;
 }
+
+/// The outbox across a real crash: a service process commits orders while its
+/// broker is down, is killed with SIGKILL with their events still in its outbox,
+/// and at its next start publishes every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_committed_before_a_kill_9_are_published_after_the_restart() {
+    use crate::broker::{free_port, ControlPlane};
+    use std::collections::HashSet;
+    shoal_tests::build_binaries();
+    let mut cp = ControlPlane::new("outbox-crash");
+    cp.start();
+    let bus = cp.bus().await;
+    let data = temp_dir("outbox-probe");
+    let port = free_port();
+    let probe_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let registry = format!("http://{}", cp.http);
+    let start_probe = || {
+        shoal_tests::ChildGuard(
+            std::process::Command::new(shoal_tests::bin_dir().join("outbox-probe"))
+                .env("SHOAL_REGISTRY_URL", &registry)
+                .env("SHOAL_REGISTER", "false")
+                // Stable, as `shoal up` gives a restarted replica: its relay takes
+                // the outbox's turn back at once instead of waiting out the lease.
+                .env("SHOAL_INSTANCE_ID", "probe-1")
+                .env("SHOAL_LISTEN", probe_addr.to_string())
+                .env("SHOAL_DATA_DIR", &data)
+                .env("SHOAL_LOG_LEVEL", "warn")
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .expect("start outbox-probe"),
+        )
+    };
+    let place = |id: String| async move {
+        let a = request(
+            probe_addr,
+            Method::POST,
+            &format!("/orders/{id}"),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+        id
+    };
+
+    let mut probe = start_probe();
+    assert!(
+        shoal_tests::answers_ok(probe_addr, "/health/ready", Duration::from_secs(30)).await,
+        "the probe did not start"
+    );
+    let mut placed = HashSet::new();
+    for i in 0..50 {
+        placed.insert(place(format!("a{i}")).await);
+    }
+    // The broker goes away: orders still commit, their events wait in the outbox.
+    cp.kill();
+    for i in 0..20 {
+        placed.insert(place(format!("b{i}")).await);
+    }
+    probe.0.kill().unwrap();
+    probe.0.wait().unwrap();
+    let waiting = {
+        let db = shoal::Db::open(
+            &shoal::DbOptions::new(format!("sqlite://{}", data.join("probe.db").display())),
+            &[],
+        )
+        .await
+        .unwrap();
+        let (n,): (i64,) = shoal::sqlx::query_as("SELECT COUNT(*) FROM _shoal_outbox")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        db.close().await;
+        n
+    };
+    assert!(
+        waiting >= 20,
+        "only {waiting} events were waiting at the kill"
+    );
+
+    // Broker back, probe back: the relay publishes what waited.
+    cp.start();
+    let bus = {
+        drop(bus);
+        cp.bus().await
+    };
+    let _probe = start_probe();
+    let mut consumer = bus
+        .subscribe("probe.orders", "check", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !placed.is_subset(&seen) {
+        let d = match tokio::time::timeout_at(deadline, consumer.next()).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) if e.is_retryable() => continue,
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!(
+                "{} of {} committed orders never published",
+                placed.difference(&seen).count(),
+                placed.len()
+            ),
+        };
+        seen.insert(String::from_utf8_lossy(&d.message.payload).into_owned());
+        consumer.ack(&d).await.unwrap();
+    }
+}

@@ -338,14 +338,21 @@ where
 {
     while let Some(first) = rx.recv().await {
         // Writers answered by the last commit are waking up to append again: give
-        // them a turn to queue, or the next group is the one straggler that came
-        // first and the rest wait a whole commit for the group after it.
-        tokio::task::yield_now().await;
+        // them turns to queue while they keep coming, or the next group is the one
+        // straggler that came first and the rest wait a whole commit for the group
+        // after it. A lone writer pays one yield.
         let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(w) => group.push(w),
-                Err(_) => break,
+        loop {
+            let before = group.len();
+            tokio::task::yield_now().await;
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(w) => group.push(w),
+                    Err(_) => break,
+                }
+            }
+            if group.len() == before || group.len() >= MAX_GROUP {
+                break;
             }
         }
         let (group, results) = commit(group).await;

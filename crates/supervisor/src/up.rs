@@ -79,6 +79,12 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
     // Checked before the build, so a busy port fails in a second, not after minutes.
     let cp_addr = concrete("control plane", sys.control_plane.listen)?;
     let gw_addr = concrete("gateway", sys.gateway.listen)?;
+    // The broker's port is the control plane's to pick when it is 0 (it reports it
+    // at `/v1/broker`); a fixed one must be free too.
+    let broker = &sys.control_plane.broker;
+    if broker.enabled && broker.listen.port() != 0 {
+        concrete("broker", broker.listen)?;
+    }
 
     if let (Some(build), false) = (&sys.build, opts.no_build) {
         eprintln!("shoal: building {name}: {}", build.command.join(" "));

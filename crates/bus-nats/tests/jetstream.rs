@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use shoal_bus::{
-    headers, limits, Bus, Consumer, Delivery, OutgoingMessage, StartAt, SubscribeOptions, TopicSpec,
+    headers, limits, Bus, Delivery, OutgoingMessage, StartAt, SubscribeOptions, TopicSpec,
 };
 use shoal_bus_nats::{JetStreamBus, NatsOptions};
 use shoal_core::ErrorKind;
@@ -47,21 +47,7 @@ async fn fresh_shared() -> shoal_testkit::bus::SharedBus {
 
 shoal_testkit::bus_conformance!(fresh_shared());
 
-fn quick() -> SubscribeOptions {
-    SubscribeOptions {
-        ack_timeout_ms: 1_000,
-        backoff_initial_ms: 50,
-        backoff_max_ms: 200,
-        ..SubscribeOptions::default()
-    }
-}
-
-async fn next(c: &mut Box<dyn Consumer>) -> Delivery {
-    tokio::time::timeout(WAIT, c.next())
-        .await
-        .unwrap_or_else(|_| panic!("no delivery within {WAIT:?}"))
-        .unwrap_or_else(|e| panic!("next: {e}"))
-}
+use shoal_testkit::bus::{next, quick};
 
 fn text(d: &Delivery) -> String {
     String::from_utf8_lossy(&d.message.payload).into_owned()

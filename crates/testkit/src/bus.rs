@@ -82,7 +82,8 @@ pub fn quick() -> SubscribeOptions {
     }
 }
 
-async fn next(c: &mut Box<dyn Consumer>) -> Delivery {
+/// The next delivery, failing the test after [`WAIT`].
+pub async fn next(c: &mut Box<dyn Consumer>) -> Delivery {
     tokio::time::timeout(WAIT, c.next())
         .await
         .unwrap_or_else(|_| panic!("no delivery within {WAIT:?}"))

@@ -1,7 +1,5 @@
 //! A real NATS server with JetStream (`scripts/nats-server`), and a namespace per test.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
 /// The environment variable holding the URL of the test server. Not `SHOAL_*`: services
@@ -17,28 +15,7 @@ pub const URL_VAR: &str = "NATS_TEST_URL";
 /// one.
 pub fn url() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        if let Ok(url) = std::env::var(URL_VAR) {
-            if !url.is_empty() {
-                return url;
-            }
-        }
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/nats-server");
-        let out = Command::new(&script)
-            .arg("start")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "scripts/nats-server start failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("export {URL_VAR}=")))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("scripts/nats-server printed no URL: {text}"))
-    })
+    URL.get_or_init(|| crate::server_address(URL_VAR, "nats-server"))
 }
 
 /// A namespace no other test uses (`t` and 12 hex digits): give it to the bus as its

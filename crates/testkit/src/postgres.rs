@@ -1,8 +1,6 @@
 //! A real PostgreSQL server (`scripts/postgres`), and a fresh database per test.
 
 use sqlx::Connection;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
 /// The environment variable holding the admin URL of the test server. Not `SHOAL_*`:
@@ -18,28 +16,7 @@ pub const URL_VAR: &str = "POSTGRES_TEST_URL";
 /// without one.
 pub fn admin_url() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        if let Ok(url) = std::env::var(URL_VAR) {
-            if !url.is_empty() {
-                return url;
-            }
-        }
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/postgres");
-        let out = Command::new(&script)
-            .arg("start")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "scripts/postgres start failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("export {URL_VAR}=")))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("scripts/postgres printed no URL: {text}"))
-    })
+    URL.get_or_init(|| crate::server_address(URL_VAR, "postgres"))
 }
 
 /// The URL of `database` on the test server, connecting as `user`.

@@ -334,6 +334,10 @@ fn print_summary(
     }
     eprintln!("  {:<16} {gw_url}", "gateway");
     eprintln!("  {:<16} {cp_url}", "control plane");
+    let broker = &sys.control_plane.broker;
+    if broker.enabled && broker.listen.port() != 0 {
+        eprintln!("  {:<16} {} (message bus)", "broker", broker.listen);
+    }
     for svc in sys.services.keys() {
         let pids: Vec<String> = st
             .processes

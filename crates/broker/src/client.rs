@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -34,8 +34,6 @@ use tracing::debug;
 const MAX_ANSWER_BYTES: u32 = 256 << 20;
 /// Requests queued for the writer task.
 const WRITE_QUEUE: usize = 1024;
-/// The writer joins queued requests into one write up to this size.
-const WRITE_BATCH_BYTES: usize = 256 << 10;
 
 /// Client settings; the defaults suit services.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,23 +158,11 @@ async fn read_loop(conn: Weak<Conn>, rd: tokio::net::tcp::OwnedReadHalf) {
 }
 
 async fn write_loop(conn: Weak<Conn>, mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
-    while let Some(first) = rx.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&first);
-        while buf.len() < WRITE_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(f) => buf.extend_from_slice(&f),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = wr.write_all(&buf).await {
-            debug!(error = %e, "broker connection write failed");
-            if let Some(conn) = conn.upgrade() {
-                let addr = conn.addr;
-                conn.fail_all(|| lost(addr));
-            }
-            return;
+    if let Err(e) = crate::protocol::write_frames(&mut wr, &mut rx).await {
+        debug!(error = %e, "broker connection write failed");
+        if let Some(conn) = conn.upgrade() {
+            let addr = conn.addr;
+            conn.fail_all(|| lost(addr));
         }
     }
 }

@@ -9,7 +9,7 @@ use shoal_bus::{OutgoingMessage, Published, StartAt, SubscribeOptions, TopicSpec
 use shoal_core::{Error, ErrorKind, Origin};
 use std::collections::BTreeMap;
 use std::fmt;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Protocol version spoken by this crate.
 pub(crate) const VERSION: u16 = 1;
@@ -750,6 +750,30 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
         id,
         body: buf,
     })
+}
+
+/// Encoded frames join into one write up to this size.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+
+/// Write the frames `rx` yields, joining those already queued into one write (one
+/// syscall for many pipelined frames), until `rx` closes or a write fails.
+pub(crate) async fn write_frames(
+    wr: &mut (impl AsyncWrite + Unpin),
+    rx: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&first);
+        while buf.len() < WRITE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(f) => buf.extend_from_slice(&f),
+                Err(_) => break,
+            }
+        }
+        wr.write_all(&buf).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -28,8 +28,6 @@ use tracing::{debug, warn};
 
 /// Answers waiting for the writer, per connection.
 const WRITE_QUEUE: usize = 1024;
-/// The writer joins ready answers into one write up to this size.
-const WRITE_BATCH_BYTES: usize = 256 << 10;
 /// Read buffer per connection.
 const READ_BUFFER_BYTES: usize = 64 << 10;
 /// Granularity of the per-connection byte budget.
@@ -248,20 +246,9 @@ async fn connection(
 }
 
 async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
-    let mut buf = Vec::with_capacity(WRITE_BATCH_BYTES);
-    while let Some(first) = rx.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&first);
-        while buf.len() < WRITE_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(f) => buf.extend_from_slice(&f),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = wr.write_all(&buf).await {
-            debug!(error = %e, "broker connection write failed");
-            return;
-        }
+    if let Err(e) = crate::protocol::write_frames(&mut wr, &mut rx).await {
+        debug!(error = %e, "broker connection write failed");
+        return;
     }
     let _ = wr.shutdown().await;
 }

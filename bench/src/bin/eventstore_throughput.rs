@@ -1,16 +1,8 @@
-//! Durable append and read throughput of the event store on SQLite, each beside its
-//! floor measured in the same run on the same kind of database: plain inserts of
-//! rows of the same size, in the same batch sizes, into a bare table (WAL,
-//! `synchronous = FULL`). Also: 64 concurrent writers appending one event at a time
-//! against what one fsync per append allows, and projection catch-up.
-//!
-//! Usage: `eventstore-throughput [scale]` (default 1.0; 0.1 for a quick look).
-//! Run by `bench/eventstore.sh`.
-
 //! Durable append and read throughput of the event store on SQLite and on
 //! PostgreSQL, each beside its floor measured in the same run on the same database:
-//! plain inserts of rows of the same size, in the same batch sizes, into a bare
-//! table (SQLite in WAL mode with `synchronous = FULL`; PostgreSQL with its default
+//! plain inserts of the same rows (every column the store writes, with the same
+//! values: stream, version, time-ordered id, type, type version, data, metadata,
+//! time), in the same batch sizes, into a bare table (no index but the row id) (SQLite in WAL mode with `synchronous = FULL`; PostgreSQL with its default
 //! `fsync` and `synchronous_commit`). Also: 64 concurrent writers appending one
 //! event at a time against what one fsync per append allows, and projection
 //! catch-up.
@@ -92,22 +84,73 @@ macro_rules! on_pool {
 
 /// `($1, $2),($3, $4),…` for `n` rows of two values.
 fn pairs(n: usize) -> String {
+    tuples(n, 2)
+}
+
+/// `(?, …),(?, …),…` for `n` rows of `k` values on SQLite, as the store writes its
+/// inserts (SQLite takes `$1` for a named parameter, and a statement with hundreds
+/// of names costs much more to run than one with `?`), `($1, …, $k),($k+1, …),…`
+/// on PostgreSQL.
+fn values(kind: Kind, n: usize, k: usize) -> String {
+    match kind {
+        Kind::Sqlite => vec![format!("({})", vec!["?"; k].join(", ")); n].join(","),
+        Kind::Postgres => tuples(n, k),
+    }
+}
+
+/// `($1, …, $k),($k+1, …),…` for `n` rows of `k` values.
+fn tuples(n: usize, k: usize) -> String {
     (0..n)
-        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+        .map(|i| {
+            let row: Vec<String> = (1..=k).map(|j| format!("${}", k * i + j)).collect();
+            format!("({})", row.join(", "))
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
 
-/// A database with the bare table the floors write and read: the rows' columns and
-/// nothing else (no index besides the row id).
+/// The columns of an event row, as the store writes them.
+const ROW_COLUMNS: &str =
+    "stream, version, event_id, event_type, type_version, data, metadata, recorded_at_ms";
+
+/// One row as the store writes it for the `k`-th event (from 0) of a run appending
+/// `per_stream` events to a stream before moving to the next of `streams`.
+struct Row {
+    stream: String,
+    version: i64,
+    id: String,
+}
+
+fn rows(n: usize, batch: usize, streams: usize) -> Vec<Row> {
+    let mut versions = vec![0i64; streams];
+    (0..n)
+        .map(|k| {
+            let s = (k / batch) % streams;
+            versions[s] += 1;
+            Row {
+                stream: format!("s-{s}"),
+                version: versions[s],
+                id: uuid::Uuid::now_v7().to_string(),
+            }
+        })
+        .collect()
+}
+
+/// A database with the bare table the floors write and read: the event rows'
+/// columns and nothing else (no index besides the row id).
 async fn plain_table(kind: Kind, tag: &str) -> (Db, Option<PathBuf>) {
     let (db, dir) = fresh(kind, tag).await;
     let sql = match kind {
         Kind::Sqlite => {
-            "CREATE TABLE plain (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, data TEXT NOT NULL)"
+            "CREATE TABLE plain (id INTEGER PRIMARY KEY, stream TEXT NOT NULL, version INTEGER NOT NULL,
+             event_id TEXT NOT NULL, event_type TEXT NOT NULL, type_version INTEGER NOT NULL,
+             data TEXT NOT NULL, metadata TEXT NOT NULL, recorded_at_ms INTEGER NOT NULL)"
         }
         Kind::Postgres => {
-            "CREATE TABLE plain (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, stream TEXT NOT NULL, data TEXT NOT NULL)"
+            "CREATE TABLE plain (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, stream TEXT NOT NULL,
+             version BIGINT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
+             type_version BIGINT NOT NULL, data TEXT NOT NULL, metadata TEXT NOT NULL,
+             recorded_at_ms BIGINT NOT NULL)"
         }
     };
     sqlx::raw_sql(sql)
@@ -117,44 +160,66 @@ async fn plain_table(kind: Kind, tag: &str) -> (Db, Option<PathBuf>) {
     (db, dir)
 }
 
-/// Rows per second inserting `rows` rows, `batch` per transaction, into a bare table,
-/// through the backend's own driver.
-async fn plain_inserts(kind: Kind, rows: usize, batch: usize) -> f64 {
+/// Rows per second inserting `n` event rows, `batch` per transaction, over `streams`
+/// streams in turn, into a bare table, through the backend's own driver.
+async fn plain_inserts(kind: Kind, n: usize, batch: usize, streams: usize) -> f64 {
     let (db, dir) = plain_table(kind, "plain").await;
     let data = payload().to_string();
+    // Made before the clock starts, as the store's events are.
+    let rows = rows(n, batch, streams);
     let start = Instant::now();
-    let mut done = 0;
-    while done < rows {
-        let n = batch.min(rows - done);
+    for chunk in rows.chunks(batch) {
         // The batch in one statement, as the store writes an append: the fastest
         // plain way to put these rows in, and so the honest floor.
-        let sql = format!("INSERT INTO plain (stream, data) VALUES {}", pairs(n));
+        let sql = format!(
+            "INSERT INTO plain ({ROW_COLUMNS}) VALUES {}",
+            values(kind, chunk.len(), 8)
+        );
+        let now = shoal_core::unix_ms() as i64;
         on_pool!(db.native(), pool => {
             let mut tx = pool.begin().await.expect("begin");
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for i in 0..n {
-                q = q.bind(format!("s-{}", (done + i) % 1000)).bind(&data);
+            for r in chunk {
+                q = q
+                    .bind(&r.stream)
+                    .bind(r.version)
+                    .bind(&r.id)
+                    .bind("Bench")
+                    .bind(1i64)
+                    .bind(&data)
+                    .bind("{}")
+                    .bind(now);
             }
             q.execute(&mut *tx).await.expect("insert");
             tx.commit().await.expect("commit");
         });
-        done += n;
     }
-    let rate = rows as f64 / start.elapsed().as_secs_f64();
+    let rate = n as f64 / start.elapsed().as_secs_f64();
     done_with(db, dir).await;
     rate
 }
 
-/// Rows per second reading a bare table of `rows` rows in pages of 1,000.
-async fn plain_reads(kind: Kind, rows: usize) -> f64 {
+/// Rows per second reading a bare table of `n` event rows in pages of 1,000.
+async fn plain_reads(kind: Kind, n: usize) -> f64 {
     let (db, dir) = plain_table(kind, "plain-read").await;
     let data = payload().to_string();
-    for chunk in 0..rows.div_ceil(1_000) {
-        let n = 1_000.min(rows - chunk * 1_000);
-        let sql = format!("INSERT INTO plain (stream, data) VALUES {}", pairs(n));
+    let now = shoal_core::unix_ms() as i64;
+    for chunk in rows(n, 100, 1_000).chunks(1_000) {
+        let sql = format!(
+            "INSERT INTO plain ({ROW_COLUMNS}) VALUES {}",
+            values(kind, chunk.len(), 8)
+        );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for i in 0..n {
-            q = q.bind(format!("s-{}", i % 1000)).bind(data.clone());
+        for r in chunk {
+            q = q
+                .bind(r.stream.clone())
+                .bind(r.version)
+                .bind(r.id.clone())
+                .bind("Bench")
+                .bind(1i64)
+                .bind(data.clone())
+                .bind("{}")
+                .bind(now);
         }
         q.execute(db.pool()).await.expect("insert");
     }
@@ -162,8 +227,10 @@ async fn plain_reads(kind: Kind, rows: usize) -> f64 {
     let mut after = 0i64;
     let mut seen = 0;
     loop {
-        let page: Vec<(i64, String, String)> = on_pool!(db.native(), pool => sqlx::query_as(
-            "SELECT id, stream, data FROM plain WHERE id > $1 ORDER BY id LIMIT 1000",
+        type Plain = (i64, String, i64, String, String, i64, String, String, i64);
+        let page: Vec<Plain> = on_pool!(db.native(), pool => sqlx::query_as(
+            "SELECT id, stream, version, event_id, event_type, type_version, data, metadata, recorded_at_ms
+               FROM plain WHERE id > $1 ORDER BY id LIMIT 1000",
         )
         .bind(after)
         .fetch_all(pool)
@@ -172,13 +239,13 @@ async fn plain_reads(kind: Kind, rows: usize) -> f64 {
         let Some(last) = page.last() else { break };
         after = last.0;
         // Decode the JSON as the store does, so both do the same work per row.
-        for (_, _, d) in &page {
-            let _: serde_json::Value = serde_json::from_str(d).expect("json");
+        for r in &page {
+            let _: serde_json::Value = serde_json::from_str(&r.6).expect("json");
         }
         seen += page.len();
     }
-    assert_eq!(seen, rows);
-    let rate = rows as f64 / start.elapsed().as_secs_f64();
+    assert_eq!(seen, n);
+    let rate = n as f64 / start.elapsed().as_secs_f64();
     done_with(db, dir).await;
     rate
 }
@@ -337,15 +404,16 @@ async fn run(kind: Kind, scale: f64) {
 
     // Three rounds, each measuring the floor and then ours, and the median of each:
     // a noisy stretch of a shared machine then hits both alike.
-    let (mut floor_w, mut one_w, mut many_w, mut floor_r, mut ours_r) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut floor_one, mut floor_many, mut one_w, mut many_w, mut floor_r, mut ours_r) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut kept = None;
     for _ in 0..3 {
-        floor_w.push(plain_inserts(kind, batched, 100).await);
+        floor_one.push(plain_inserts(kind, batched, 100, 1).await);
         let (ours, s, db, dir) = appends(kind, batched, 100, 1).await;
         one_w.push(ours);
         drop(s);
         done_with(db, dir).await;
+        floor_many.push(plain_inserts(kind, batched, 100, 1_000).await);
         let (ours, s, db, dir) = appends(kind, batched, 100, 1_000).await;
         many_w.push(ours);
         floor_r.push(plain_reads(kind, batched).await);
@@ -365,17 +433,16 @@ async fn run(kind: Kind, scale: f64) {
             done_with(db, dir).await;
         }
     }
-    let floor_batched = median(floor_w);
     report(
-        &format!("{b}: durable append, 1 stream, 100 events per append (reference: plain inserts, 100 rows per transaction)"),
+        &format!("{b}: durable append, 1 stream, 100 events per append (reference: plain inserts of the same rows, 100 per transaction)"),
         median(one_w),
-        floor_batched,
+        median(floor_one),
         "events/s",
     );
     report(
-        &format!("{b}: durable append, 1,000 streams, 100 events per append (reference: plain inserts, 100 rows per transaction)"),
+        &format!("{b}: durable append, 1,000 streams, 100 events per append (reference: plain inserts of the same rows, 100 per transaction)"),
         median(many_w),
-        floor_batched,
+        median(floor_many),
         "events/s",
     );
     report(
@@ -406,7 +473,7 @@ async fn run(kind: Kind, scale: f64) {
     drop(s);
     done_with(db, dir).await;
 
-    let floor_single = plain_inserts(kind, unbatched, 1).await;
+    let floor_single = plain_inserts(kind, unbatched, 1, 1).await;
     let (ours, s, db, dir) = appends(kind, unbatched, 1, 1).await;
     drop(s);
     done_with(db, dir).await;

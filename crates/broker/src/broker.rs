@@ -1,15 +1,17 @@
-//! The broker core: topics and their partition logs, the publish path with its
-//! per-partition appenders, consumer groups and their background timers.
+//! The broker core: topics and their partition logs, the publish path, consumer
+//! groups and their background timers.
 //!
 //! # Publish path
 //!
-//! Each partition has one appender task fed by a bounded queue. A publish checks
-//! the batch, splits it by partition and queues each part, in the order the
-//! connection read the requests, then waits for the answers. The appender takes
-//! everything queued while the previous append was being fsynced and appends it as
-//! one batch: requests arriving during an fsync share the next one (group commit),
+//! A publish checks the batch, splits it by partition and queues each part straight
+//! into that partition log's writer queue ([`Log::submit`]), in the order the
+//! connection read the requests, then waits for the answers. The log's writer
+//! thread takes everything queued while its previous fsync ran and writes it with
+//! one fsync: requests arriving during an fsync share the next one (group commit),
 //! however many connections or pipelined requests they come from, and publishes
-//! read from one connection are stored in the order they were read.
+//! read from one connection are stored in the order they were read. No task sits
+//! between a publish and the writer: each hop between threads is paid by every
+//! publisher waiting for its answer, and between two fsyncs.
 
 use crate::config::BrokerConfig;
 use crate::group::{Bounds, DeadLetter, Effects, GroupLimits, GroupState, MemberId, Reserved};
@@ -33,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -45,8 +47,12 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 const LAG_EVERY_SWEEPS: u64 = 20;
 /// Publishes queued per partition before a publisher waits (back-pressure).
 const APPEND_QUEUE: usize = 4096;
-/// Most records the appender joins into one log append.
+/// Most records in one log append (one publish's part for a partition).
 const MAX_APPEND_RECORDS: usize = 100_000;
+/// A fetch of at most this many deliveries, all among the newest
+/// [`INLINE_READ_WINDOW`] records of their partitions, reads on the calling task.
+const INLINE_READ_MAX: usize = 16;
+const INLINE_READ_WINDOW: u64 = 1024;
 /// Room left in a fetch answer for the frame's own fields.
 const FETCH_ANSWER_SLACK: usize = 64 << 10;
 /// Per-delivery framing in a fetch answer, beyond the stored record's size.
@@ -104,17 +110,8 @@ pub(crate) struct Topic {
 
 struct Partition {
     log: Arc<Log>,
-    appender: Mutex<Option<mpsc::Sender<AppendJob>>>,
-    task: Mutex<Option<JoinHandle<()>>>,
-}
-
-/// Answered with the first offset of an append job, once it is durable.
-type AppendWait = oneshot::Receiver<Result<u64, shoal_log::Error>>;
-
-struct AppendJob {
-    records: Vec<Record>,
-    bytes: usize,
-    reply: oneshot::Sender<Result<u64, shoal_log::Error>>,
+    /// Passes the log's durable high-water mark on to the topic's `published`.
+    forwarder: Mutex<Option<JoinHandle<()>>>,
 }
 
 pub(crate) struct Group {
@@ -145,7 +142,7 @@ pub(crate) struct Fetched {
 pub(crate) struct PublishTicket {
     total: usize,
     /// Per partition: the batch positions of its messages and the append's answer.
-    waits: Vec<(u32, Vec<usize>, AppendWait)>,
+    waits: Vec<(u32, Vec<usize>, shoal_log::AppendWait)>,
     metrics: TopicMetrics,
 }
 
@@ -161,21 +158,18 @@ impl PublishTicket {
             self.total
         ];
         let mut failed = None;
-        for (partition, idx, rx) in self.waits {
-            match rx.await {
-                Ok(Ok(start)) => {
+        for (partition, idx, wait) in self.waits {
+            match wait.wait().await {
+                Ok(range) => {
                     for (k, i) in idx.into_iter().enumerate() {
                         out[i] = Published {
                             partition,
-                            offset: start + k as u64,
+                            offset: range.start + k as u64,
                         };
                     }
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     failed.get_or_insert(from_log(e));
-                }
-                Err(_) => {
-                    failed.get_or_insert_with(closing);
                 }
             }
         }
@@ -199,8 +193,9 @@ fn log_config(cfg: &BrokerConfig, spec: &TopicSpec) -> LogConfig {
         max_batch_records: MAX_APPEND_RECORDS,
         max_batch_bytes,
         max_group_bytes: max_batch_bytes.max(16 << 20),
-        write_queue: 1024,
+        write_queue: APPEND_QUEUE,
         index_interval_bytes: 4096,
+        preallocate_bytes: 4 << 20,
         retention_bytes: spec.retention_bytes,
         retention_ms: spec.retention_ms,
     }
@@ -341,13 +336,12 @@ impl Broker {
         let topics = self.topics();
         for t in &topics {
             for p in &t.parts {
-                drop(lock(&p.appender).take());
-                let task = lock(&p.task).take();
-                if let Some(task) = task {
-                    let _ = task.await;
-                }
+                // Lets queued appends finish (their publishers get answers).
                 if let Err(e) = p.log.close().await {
                     warn!(topic = %t.spec.name, error = %e, "closing a partition log");
+                }
+                if let Some(task) = lock(&p.forwarder).take() {
+                    task.abort();
                 }
             }
         }
@@ -391,8 +385,7 @@ impl Broker {
             .into_iter()
             .map(|log| Partition {
                 log: Arc::new(log),
-                appender: Mutex::new(None),
-                task: Mutex::new(None),
+                forwarder: Mutex::new(None),
             })
             .collect();
         let topic = Arc::new(Topic {
@@ -405,15 +398,12 @@ impl Broker {
             published,
         });
         for p in &topic.parts {
-            let (tx, rx) = mpsc::channel(APPEND_QUEUE);
-            let task = tokio::spawn(appender(
+            let task = tokio::spawn(forward_hwm(
                 p.log.clone(),
-                rx,
                 topic.published.clone(),
                 self.inner.metrics.fsyncs.clone(),
             ));
-            *lock(&p.appender) = Some(tx);
-            *lock(&p.task) = Some(task);
+            *lock(&p.forwarder) = Some(task);
         }
         topic
     }
@@ -505,20 +495,16 @@ impl Broker {
         self.check_open()?;
         let n = t.spec.partitions;
         let total = batch.len();
-        let mut parts: BTreeMap<u32, (Vec<usize>, Vec<Record>, usize)> = BTreeMap::new();
+        let mut parts: BTreeMap<u32, (Vec<usize>, Vec<Record>)> = BTreeMap::new();
         for (i, m) in batch.into_iter().enumerate() {
             let p = partition_for(m.key.as_deref(), n);
-            let r = message::to_record(m);
             let e = parts.entry(p).or_default();
             e.0.push(i);
-            e.2 += r.encoded_len();
-            e.1.push(r);
+            e.1.push(message::to_record(m));
         }
         let mut waits = Vec::with_capacity(parts.len());
-        for (p, (idx, records, bytes)) in parts {
-            let (reply, rx) = oneshot::channel();
-            t.append(p, records, bytes, reply).await?;
-            waits.push((p, idx, rx));
+        for (p, (idx, records)) in parts {
+            waits.push((p, idx, t.append(p, records).await?));
         }
         Ok(PublishTicket {
             total,
@@ -624,11 +610,14 @@ impl Broker {
                 st.ack(i.partition, i.offset, i.token, &mut fx);
             }
         }
-        let applied = self.apply(&g, fx);
-        if applied.commit.is_some() {
+        // Nobody waits for an ack's commit: it goes in the next offsets write.
+        let commits = std::mem::take(&mut fx.commits);
+        self.apply(&g, fx);
+        if !commits.is_empty() {
+            let wait = g.topic.offsets.submit_lazy(&g.name, &commits);
             let (topic, group) = (g.topic.spec.name.clone(), g.name.clone());
             tokio::spawn(async move {
-                if let Err(e) = applied.durable().await {
+                if let Err(e) = committed(wait).await {
                     warn!(%topic, %group, error = %e, "cannot persist committed offsets; acked messages may be delivered again");
                 }
             });
@@ -736,9 +725,20 @@ impl Broker {
         budget: usize,
     ) -> Result<Vec<Fetched>, Error> {
         let t = g.topic.clone();
-        let read = tokio::task::spawn_blocking(move || read_runs(&t, reserved, budget))
-            .await
-            .map_err(|e| Error::internal("reading messages").with_source(e))?;
+        // A consumer keeping up reads what was appended a moment ago: those pages
+        // are in the page cache (the writer just wrote them), so the read is a copy
+        // that costs less than the hop to the blocking pool and back.
+        let recent = reserved.len() <= INLINE_READ_MAX
+            && reserved.iter().all(|r| {
+                t.parts[r.partition as usize].log.next_offset() <= r.offset + INLINE_READ_WINDOW
+            });
+        let read = if recent {
+            read_runs(&t, reserved, budget)
+        } else {
+            tokio::task::spawn_blocking(move || read_runs(&t, reserved, budget))
+                .await
+                .map_err(|e| Error::internal("reading messages").with_source(e))?
+        };
         let mut fx = Effects::default();
         {
             let mut st = lock(&g.state);
@@ -951,17 +951,13 @@ impl Broker {
         ] {
             record.headers.push((k.to_owned(), v.into_bytes()));
         }
-        let bytes = record.encoded_len();
-        let (reply, rx) = oneshot::channel();
-        dl.append(p, vec![record], bytes, reply).await?;
-        match rx.await {
-            Ok(Ok(_)) => {
-                dl.metrics.published.inc();
-                Ok(())
-            }
-            Ok(Err(e)) => Err(from_log(e)),
-            Err(_) => Err(closing()),
-        }
+        dl.append(p, vec![record])
+            .await?
+            .wait()
+            .await
+            .map_err(from_log)?;
+        dl.metrics.published.inc();
+        Ok(())
     }
 }
 
@@ -1023,82 +1019,30 @@ impl Topic {
             .collect()
     }
 
-    /// Queues records for partition `p`.
-    async fn append(
-        &self,
-        p: u32,
-        records: Vec<Record>,
-        bytes: usize,
-        reply: oneshot::Sender<Result<u64, shoal_log::Error>>,
-    ) -> Result<(), Error> {
-        let tx = lock(&self.parts[p as usize].appender)
-            .clone()
-            .ok_or_else(closing)?;
-        tx.send(AppendJob {
-            records,
-            bytes,
-            reply,
-        })
-        .await
-        .map_err(|_| closing())
+    /// Queues records for partition `p` in its log's writer queue.
+    async fn append(&self, p: u32, records: Vec<Record>) -> Result<shoal_log::AppendWait, Error> {
+        match self.parts[p as usize].log.submit(records).await {
+            Ok(wait) => Ok(wait),
+            Err(shoal_log::Error::Closed) => Err(closing()),
+            Err(e) => Err(from_log(e)),
+        }
     }
 }
 
-/// The appender of one partition: joins whatever is queued into one log append.
-async fn appender(
+/// Wakes the topic's waiting fetches whenever a partition's durable high-water
+/// mark moves, and counts the log's fsyncs. Ends when the broker closes (aborted).
+async fn forward_hwm(
     log: Arc<Log>,
-    mut rx: mpsc::Receiver<AppendJob>,
     published: watch::Sender<u64>,
     fsyncs: prometheus_client::metrics::counter::Counter,
 ) {
-    let max_bytes = log.config().max_batch_bytes;
-    let mut carry: Option<AppendJob> = None;
-    loop {
-        let first = match carry.take() {
-            Some(j) => j,
-            None => match rx.recv().await {
-                Some(j) => j,
-                None => break,
-            },
-        };
-        let mut records = first.records.len();
-        let mut bytes = first.bytes;
-        let mut jobs = vec![first];
-        while let Ok(j) = rx.try_recv() {
-            if records + j.records.len() > MAX_APPEND_RECORDS || bytes + j.bytes > max_bytes {
-                carry = Some(j);
-                break;
-            }
-            records += j.records.len();
-            bytes += j.bytes;
-            jobs.push(j);
-        }
-        let mut all = Vec::with_capacity(records);
-        let mut counts = Vec::with_capacity(jobs.len());
-        let mut replies = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            counts.push(j.records.len() as u64);
-            all.extend(j.records);
-            replies.push(j.reply);
-        }
-        let before = log.stats().fsyncs;
-        let result = log.append(all).await;
-        fsyncs.inc_by(log.stats().fsyncs.saturating_sub(before));
-        match result {
-            Ok(range) => {
-                let mut start = range.start;
-                for (reply, n) in replies.into_iter().zip(counts) {
-                    let _ = reply.send(Ok(start));
-                    start += n;
-                }
-                published.send_modify(|v| *v = v.wrapping_add(1));
-            }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
-        }
+    let mut hwm = log.subscribe();
+    let mut counted = log.stats().fsyncs;
+    while hwm.changed().await.is_ok() {
+        published.send_modify(|v| *v = v.wrapping_add(1));
+        let now = log.stats().fsyncs;
+        fsyncs.inc_by(now.saturating_sub(counted));
+        counted = now;
     }
 }
 

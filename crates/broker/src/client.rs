@@ -667,6 +667,12 @@ impl Consumer for EmbeddedConsumer {
         Box::pin(async move {
             loop {
                 if let Some(d) = self.buffer.pop_front() {
+                    // The next fetch goes out now, while this delivery is handled,
+                    // so the broker already holds it when the next message arrives
+                    // (it reserves nothing past the member's in-flight limit).
+                    if self.buffer.is_empty() && self.fetching.is_none() {
+                        self.fetching = Some(self.start_fetch());
+                    }
                     return Ok(d);
                 }
                 if self.member.load(Ordering::SeqCst) == 0 {

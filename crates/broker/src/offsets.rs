@@ -1,6 +1,9 @@
 //! Committed offsets of one topic's groups, persisted with group commit: every
 //! commit submitted while one is being written joins the next write, so many acks
-//! share one file replacement (two fsyncs).
+//! share one write and fsync of the offsets file. Commits that nobody waits for
+//! (acks) are written at most every [`LAZY_INTERVAL`]: a consumer acking each
+//! message would otherwise keep the disk flushing offsets back to back, and every
+//! flush delays the fsyncs that publishers wait for.
 
 use crate::util::{from_log, lock};
 use shoal_core::Error;
@@ -9,8 +12,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
 use tracing::error;
+
+/// Longest a lazy commit waits for the next offsets write. A crash in between
+/// means the messages acked meanwhile are delivered again (at least once).
+pub(crate) const LAZY_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Answered once the commits submitted with it are durable.
 pub(crate) type CommitWait = oneshot::Receiver<Result<(), Error>>;
@@ -21,12 +29,17 @@ struct Pending {
     waiters: Vec<oneshot::Sender<Result<(), Error>>>,
     /// A task is writing; it picks up whatever is pending when it finishes.
     running: bool,
+    /// Someone waits for these commits: write without waiting out the interval.
+    urgent: bool,
 }
 
 struct Inner {
     /// Locked in a blocking thread while the file is replaced, and briefly to read.
     store: Mutex<OffsetStore>,
     pending: Mutex<Pending>,
+    /// Cuts a lazy wait short when an urgent commit arrives.
+    wake: Notify,
+    last_write: Mutex<Option<Instant>>,
 }
 
 /// The offsets file of one topic.
@@ -43,6 +56,8 @@ impl Committer {
             inner: Arc::new(Inner {
                 store: Mutex::new(store),
                 pending: Mutex::new(Pending::default()),
+                wake: Notify::new(),
+                last_write: Mutex::new(None),
             }),
         })
     }
@@ -55,6 +70,16 @@ impl Committer {
     /// Queues `commits` (`(partition, offset)`, later ones win) for `group`; the
     /// answer comes once they are on disk. Needs a tokio runtime.
     pub(crate) fn submit(&self, group: &str, commits: &[(u32, u64)]) -> CommitWait {
+        self.queue(group, commits, true)
+    }
+
+    /// As [`Committer::submit`], for commits nobody waits on: they go in the next
+    /// write, which is at most [`LAZY_INTERVAL`] away.
+    pub(crate) fn submit_lazy(&self, group: &str, commits: &[(u32, u64)]) -> CommitWait {
+        self.queue(group, commits, false)
+    }
+
+    fn queue(&self, group: &str, commits: &[(u32, u64)], urgent: bool) -> CommitWait {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut p = lock(&self.inner.pending);
@@ -62,10 +87,13 @@ impl Committer {
                 p.updates.insert((group.to_owned(), partition), offset);
             }
             p.waiters.push(tx);
+            p.urgent |= urgent;
             !std::mem::replace(&mut p.running, true)
         };
         if start {
             tokio::spawn(run(self.inner.clone()));
+        } else if urgent {
+            self.inner.wake.notify_one();
         }
         rx
     }
@@ -79,12 +107,28 @@ impl Committer {
 async fn run(inner: Arc<Inner>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let (updates, waiters) = {
+        let linger = {
             let mut p = lock(&inner.pending);
             if p.updates.is_empty() && p.waiters.is_empty() {
                 p.running = false;
                 return;
             }
+            let last = *lock(&inner.last_write);
+            match last {
+                Some(t) if !p.urgent => (t + LAZY_INTERVAL).checked_duration_since(Instant::now()),
+                _ => None,
+            }
+        };
+        if let Some(d) = linger {
+            tokio::select! {
+                () = tokio::time::sleep(d) => {}
+                () = inner.wake.notified() => {}
+            }
+            continue;
+        }
+        let (updates, waiters) = {
+            let mut p = lock(&inner.pending);
+            p.urgent = false;
             (
                 std::mem::take(&mut p.updates),
                 std::mem::take(&mut p.waiters),
@@ -104,6 +148,9 @@ async fn run(inner: Arc<Inner>) {
                 Err(_) => Err(None),
             }
         };
+        if !updates.is_empty() {
+            *lock(&inner.last_write) = Some(Instant::now());
+        }
         match result {
             Ok(()) => {
                 backoff = Duration::from_millis(100);

@@ -26,6 +26,12 @@ pub struct LogConfig {
     pub write_queue: usize,
     /// Distance in bytes between sparse index entries. Default 4 KiB.
     pub index_interval_bytes: u64,
+    /// The active segment is extended ahead of the data with written zeros, at
+    /// most this many bytes at a time (starting at 64 KiB and doubling), so that a
+    /// group's fsync overwrites blocks the file already owns: the file system then
+    /// has no size or block allocation to journal, and an `fdatasync` is one data
+    /// write and a cache flush. `0` turns it off. Default 4 MiB.
+    pub preallocate_bytes: u64,
     /// Delete the oldest sealed segments while the log is larger than this.
     /// `None` keeps everything. Default `None`.
     pub retention_bytes: Option<u64>,
@@ -44,6 +50,7 @@ impl Default for LogConfig {
             max_group_bytes: 16 << 20,
             write_queue: 1024,
             index_interval_bytes: 4096,
+            preallocate_bytes: 4 << 20,
             retention_bytes: None,
             retention_ms: Some(7 * 24 * 3600 * 1000),
         }

@@ -73,10 +73,22 @@
 //! Sealed segments are not scanned; reads verify every frame's checksum and
 //! return [`Error::Corrupt`] instead of skipping anything.
 //!
+//! The writer extends the active segment ahead of its data with written zeros
+//! ([`LogConfig::preallocate_bytes`]), so that a group's `fdatasync` has no file
+//! size or block allocation to journal (on ext4 it then takes about half as long).
+//! Zeros that begin exactly after the last complete batch and run to the end of
+//! the file are therefore the writer's, not damage: recovery keeps them and
+//! reports nothing. A clean close and every roll to a new segment cut them off,
+//! so a sealed segment is exactly its records.
+//!
 //! # Consumer offsets file
 //!
-//! See [`OffsetStore`]: magic `SHOFFS01`, u32 count, entries of (u32 group
-//! length, group UTF-8, u32 partition, u64 offset), then CRC-32C of all of it.
+//! See [`OffsetStore`]: two slots of equal size, each magic `SHOFFS02`, u64
+//! sequence, u32 slot size, u32 body length, the body (u32 count, then entries of
+//! u32 group length, group UTF-8, u32 partition, u64 offset), CRC-32C of all of
+//! that, zeros to the slot's end. The valid slot with the higher sequence is
+//! current; a change overwrites the other one. Files of the first format
+//! (`SHOFFS01`, one copy replaced by rename) are read and rewritten on change.
 
 mod config;
 mod error;
@@ -93,7 +105,7 @@ mod tests;
 
 pub use crate::config::LogConfig;
 pub use crate::error::{Error, Limit, Result};
-pub use crate::log::{Log, LogStats, Recovery, RetentionOutcome, Truncation};
+pub use crate::log::{AppendWait, Log, LogStats, Recovery, RetentionOutcome, Truncation};
 pub use crate::offsets::OffsetStore;
 pub use crate::record::{Record, StoredRecord, MAX_FRAME_BYTES, MIN_FRAME_BYTES};
 

@@ -111,6 +111,18 @@ pub struct RetentionOutcome {
     pub first_offset: u64,
 }
 
+/// A batch queued by [`Log::submit`], waiting to become durable.
+#[derive(Debug)]
+#[must_use = "the batch is queued either way; wait to learn its offsets"]
+pub struct AppendWait(oneshot::Receiver<Result<Range<u64>>>);
+
+impl AppendWait {
+    /// The batch's offsets, once it is written and fsynced.
+    pub async fn wait(self) -> Result<Range<u64>> {
+        self.0.await.map_err(|_| Error::Closed)?
+    }
+}
+
 /// One partition: an append-only log of records in segment files.
 ///
 /// `Log` is `Send + Sync`; share it with `Arc`. Appends go through one writer
@@ -224,6 +236,7 @@ impl Log {
             active: segment,
             index_file: active.index_file,
             position: active.position,
+            allocated: active.allocated,
             next_offset: active.next_offset,
             last_ts,
             last_indexed: active.last_indexed,
@@ -270,6 +283,15 @@ impl Log {
     /// not withdraw it. An `Io` error means the outcome is unknown and the log
     /// refuses further appends ([`Error::WriterFailed`]) until reopened.
     pub async fn append(&self, records: Vec<Record>) -> Result<Range<u64>> {
+        self.submit(records).await?.wait().await
+    }
+
+    /// Queues a batch for the writer and returns as soon as it is queued (waiting
+    /// only while the queue is full), so a caller can queue several batches in
+    /// order and wait for them afterwards. Batches queued by one caller one after
+    /// another get increasing offsets. The same checks and guarantees as
+    /// [`Log::append`]; the batch is durable when [`AppendWait::wait`] answers.
+    pub async fn submit(&self, records: Vec<Record>) -> Result<AppendWait> {
         let cfg = &self.shared.config;
         if records.is_empty() {
             return Err(Error::EmptyBatch);
@@ -312,8 +334,7 @@ impl Log {
         tx.send(AppendRequest { frames, reply })
             .await
             .map_err(|_| Error::Closed)?;
-        drop(tx);
-        answer.await.map_err(|_| Error::Closed)?
+        Ok(AppendWait(answer))
     }
 
     /// Reads up to `max_records` durable records starting at `from`, stopping
@@ -767,10 +788,28 @@ struct Active {
     segment: Segment,
     index_file: Option<File>,
     position: u64,
+    /// The file's length: `position` plus any preallocated zeros kept.
+    allocated: u64,
     next_offset: u64,
     last_ts: Option<u64>,
     last_indexed: Option<u64>,
     truncation: Option<Truncation>,
+}
+
+/// Whether `file` holds only zero bytes in `[from, to)`.
+fn zeros(file: &File, from: u64, to: u64) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 /// Verifies the last segment from its last index point and cuts off a torn tail.
@@ -827,6 +866,14 @@ fn recover_active(
         ScanStop::Clean => "unfinished batch at the tail",
         ScanStop::Malformed(p, r) => return Err(corrupt(p, r)),
         ScanStop::WrongOffset(p) => return Err(corrupt(p, "record offset out of sequence")),
+        // Zeros from the last complete batch to the end are the writer's
+        // preallocation (a crash keeps them), not damage: nothing to cut. Zeros
+        // that start inside a batch are a torn write like any other.
+        ScanStop::Incomplete(p) | ScanStop::Invalid(p, _)
+            if p == s.complete_len && zeros(&file, p, len).map_err(io_err("read", &path))? =>
+        {
+            ""
+        }
         ScanStop::Incomplete(p) | ScanStop::Invalid(p, _) => {
             // A torn write only ever damages the end. Anything good after the
             // bad frame means acknowledged data would be lost by cutting here.
@@ -847,7 +894,7 @@ fn recover_active(
         }
     };
 
-    let truncation = if s.complete_len < len {
+    let truncation = if s.complete_len < len && !reason.is_empty() {
         file.set_len(s.complete_len)
             .map_err(io_err("truncate", &path))?;
         file.sync_all().map_err(io_err("fsync", &path))?;
@@ -876,8 +923,14 @@ fn recover_active(
         .complete_ts
         .or_else(|| newest_timestamp(&file, &entries, s.complete_len));
     let index_file = store_index(&ipath, &entries);
+    let allocated = if truncation.is_some() {
+        s.complete_len
+    } else {
+        len
+    };
     Ok(Active {
         position: s.complete_len,
+        allocated,
         next_offset: s.complete_next,
         last_indexed: entries.last().map(|e| e.position),
         segment: Segment {

@@ -335,7 +335,7 @@ async fn torn_tail_mid_record_is_truncated() {
 }
 
 #[tokio::test]
-async fn garbage_or_zeros_after_tail_are_truncated() {
+async fn garbage_after_tail_is_truncated() {
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     let garbage: Vec<u8> = (0..777)
         .map(|_| {
@@ -345,7 +345,11 @@ async fn garbage_or_zeros_after_tail_are_truncated() {
             seed as u8
         })
         .collect();
-    for (name, tail) in [("garbage", garbage), ("zeros", vec![0u8; 4096])] {
+    // Zeros after garbage are still a torn tail: only zeros from a batch
+    // boundary to the end are preallocation.
+    let mut garbage_then_zeros = garbage[..100].to_vec();
+    garbage_then_zeros.extend([0u8; 4000]);
+    for (name, tail) in [("garbage", garbage), ("garbage-zeros", garbage_then_zeros)] {
         let dir = TempDir::new(name);
         let seg = fixed_log(dir.path(), 10).await;
         fs::OpenOptions::new()
@@ -361,6 +365,55 @@ async fn garbage_or_zeros_after_tail_are_truncated() {
         assert_eq!(log.append(vec![fixed(10)]).await.unwrap(), 10..11);
         assert_matches(&read_all(&log).await, 0, fixed);
     }
+}
+
+#[tokio::test]
+async fn zeros_after_a_batch_are_preallocation_not_damage() {
+    let dir = TempDir::new("zeros");
+    let seg = fixed_log(dir.path(), 10).await;
+    // What a crash leaves: the writer's zeros ahead of the last batch.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .unwrap()
+        .write_all(&[0u8; 5000])
+        .unwrap();
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    assert_eq!(log.recovery().truncation, None);
+    assert_eq!(log.next_offset(), 10);
+    // Appends overwrite the zeros; a clean close hands back what is left.
+    assert_eq!(log.append(vec![fixed(10)]).await.unwrap(), 10..11);
+    assert_matches(&read_all(&log).await, 0, fixed);
+    log.close().await.unwrap();
+    drop(log);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 11 * FIXED_LEN);
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    assert_eq!(read_all(&log).await.len(), 11);
+}
+
+#[tokio::test]
+async fn the_active_segment_is_written_into_zeros_ahead_of_the_data() {
+    let dir = TempDir::new("prealloc");
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    append_each(&log, 0..3, fixed).await;
+    let seg = segment_path(dir.path(), 0);
+    let len = fs::metadata(&seg).unwrap().len();
+    assert_eq!(len, 64 << 10, "the first extension is 64 KiB");
+    assert_eq!(
+        log.size_bytes(),
+        3 * FIXED_LEN,
+        "readers see only the records"
+    );
+    assert_eq!(read_all(&log).await.len(), 3);
+    // A crash now (the file dropped without a close) keeps every record.
+    std::mem::forget(log);
+    let dir2 = TempDir::new("prealloc-copy");
+    fs::copy(&seg, segment_path(dir2.path(), 0)).unwrap();
+    let log = Log::open(dir2.path(), LogConfig::default()).unwrap();
+    assert_eq!(log.recovery().truncation, None);
+    assert_matches(&read_all(&log).await, 0, fixed);
+    assert_eq!(log.append(vec![fixed(3)]).await.unwrap(), 3..4);
+    assert_matches(&read_all(&log).await, 0, fixed);
 }
 
 #[tokio::test]
@@ -750,10 +803,36 @@ fn offset_store_round_trip_atomic_replace_and_corruption() {
     assert_ne!(fs::read(&path).unwrap(), before);
     assert_eq!(OffsetStore::open(&path).unwrap().get("other", 0), None);
 
+    // Two slots: the newest copy has `other` removed, the older one still has it.
     let good = fs::read(&path).unwrap();
-    for damage in [0usize, 10, good.len() - 1] {
+    let half = good.len() / 2;
+    let newest = if good[..8] == good[half..half + 8] {
+        // Both slots written: the one whose sequence is higher.
+        let seq = |at: usize| u64::from_le_bytes(good[at + 8..at + 16].try_into().unwrap());
+        if seq(0) > seq(half) {
+            0
+        } else {
+            half
+        }
+    } else {
+        panic!("both slots should be in use after several commits")
+    };
+    let older = half - newest;
+    // A torn or damaged newest slot: the older copy is taken (acked messages may
+    // come again; nothing unacked is skipped).
+    for damage in [0usize, 10, 30] {
         let mut b = good.clone();
-        b[damage] ^= 1;
+        b[newest + damage] ^= 1;
+        fs::write(&path, &b).unwrap();
+        let s = OffsetStore::open(&path).unwrap();
+        assert_eq!(s.get("other", 0), Some(5), "damage at {damage}");
+        assert_eq!(s.get("g", 1), Some(20));
+    }
+    // Both slots damaged: a clear error naming the file.
+    for damage in [0usize, 10, 30] {
+        let mut b = good.clone();
+        b[newest + damage] ^= 1;
+        b[older + damage] ^= 1;
         fs::write(&path, &b).unwrap();
         let e = OffsetStore::open(&path).unwrap_err();
         assert!(
@@ -766,4 +845,50 @@ fn offset_store_round_trip_atomic_replace_and_corruption() {
         OffsetStore::open(&path),
         Err(Error::CorruptFile { .. })
     ));
+
+    // Writes after the first go in place: the file keeps its inode and size.
+    fs::write(&path, &good).unwrap();
+    let mut s = OffsetStore::open(&path).unwrap();
+    let ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).unwrap());
+    for i in 0..10 {
+        s.commit("g", 0, 100 + i).unwrap();
+    }
+    let meta = fs::metadata(&path).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::ino(&meta), ino);
+    assert_eq!(meta.len(), good.len() as u64);
+    assert_eq!(OffsetStore::open(&path).unwrap().get("g", 0), Some(109));
+
+    // Offsets that outgrow a slot: the file is replaced with larger slots.
+    let many: Vec<String> = (0..300)
+        .map(|i| format!("group-with-a-long-name-{i}"))
+        .collect();
+    s.commit_all(many.iter().map(|g| (g.as_str(), 0, 7)))
+        .unwrap();
+    assert!(fs::metadata(&path).unwrap().len() > good.len() as u64);
+    let s = OffsetStore::open(&path).unwrap();
+    assert_eq!(s.iter().count(), 302);
+    assert_eq!(s.get("g", 0), Some(109));
+}
+
+#[test]
+fn offset_store_reads_the_first_format_and_rewrites_it() {
+    let dir = TempDir::new("offsets-v1");
+    let path = dir.path().join("offsets");
+    // SHOFFS01: magic, count, (u32 len, group, u32 partition, u64 offset)..., CRC-32C.
+    let mut v1 = b"SHOFFS01".to_vec();
+    v1.extend(1u32.to_le_bytes());
+    v1.extend(1u32.to_le_bytes());
+    v1.extend(b"g");
+    v1.extend(3u32.to_le_bytes());
+    v1.extend(42u64.to_le_bytes());
+    let crc = crc32c::crc32c(&v1);
+    v1.extend(crc.to_le_bytes());
+    fs::write(&path, &v1).unwrap();
+    let mut s = OffsetStore::open(&path).unwrap();
+    assert_eq!(s.get("g", 3), Some(42));
+    s.commit("g", 3, 43).unwrap();
+    let bytes = fs::read(&path).unwrap();
+    let half = bytes.len() / 2;
+    assert!(&bytes[..8] == b"SHOFFS02" || &bytes[half..half + 8] == b"SHOFFS02");
+    assert_eq!(OffsetStore::open(&path).unwrap().get("g", 3), Some(43));
 }

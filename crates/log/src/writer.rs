@@ -33,6 +33,9 @@ pub(crate) struct Writer {
     pub(crate) index_file: Option<File>,
     /// Bytes written to the active segment (durable after each commit).
     pub(crate) position: u64,
+    /// Length of the active segment's file: `position` plus the zeros written
+    /// ahead of it (see [`LogConfig::preallocate_bytes`](crate::LogConfig)).
+    pub(crate) allocated: u64,
     pub(crate) next_offset: u64,
     pub(crate) last_ts: u64,
     pub(crate) last_indexed: Option<u64>,
@@ -67,8 +70,25 @@ impl Writer {
             drop(gate);
             self.commit(group);
         }
+        self.trim();
         drop(self);
         let _ = done.send(());
+    }
+
+    /// On a clean close, gives the zeros ahead of the data back, so a closed
+    /// segment file is exactly its records. (A crash leaves them; recovery knows
+    /// a zero tail at a batch boundary from a torn write.)
+    fn trim(&mut self) {
+        if self.failed.is_some() || self.allocated <= self.position {
+            return;
+        }
+        let file = &self.active.file;
+        match file.set_len(self.position).and_then(|()| file.sync_data()) {
+            Ok(()) => self.allocated = self.position,
+            Err(e) => {
+                warn!(path = %self.active.path.display(), error = %e, "cannot trim the preallocated tail")
+            }
+        }
     }
 
     fn commit(&mut self, mut group: Vec<AppendRequest>) {
@@ -148,12 +168,46 @@ impl Writer {
         if self.buf.is_empty() {
             return Ok(());
         }
+        let end = self.position + self.buf.len() as u64;
+        if end > self.allocated {
+            self.preallocate(end)?;
+        }
         self.active
             .file
             .write_all_at(&self.buf, self.position)
             .map_err(io_err("write", &self.active.path))?;
         self.position += self.buf.len() as u64;
         self.buf.clear();
+        Ok(())
+    }
+
+    /// Extends the active file with written zeros to at least `end`: by the file's
+    /// own length (at least 64 KiB) up to `preallocate_bytes`, never past the
+    /// segment size unless `end` is. The next fsync makes the new length durable;
+    /// the ones after it overwrite allocated blocks and journal nothing.
+    fn preallocate(&mut self, end: u64) -> Result<()> {
+        let cfg = &self.shared.config;
+        if cfg.preallocate_bytes == 0 {
+            return Ok(());
+        }
+        let step = self
+            .allocated
+            .clamp(64 << 10, cfg.preallocate_bytes.max(64 << 10))
+            .min(cfg.preallocate_bytes);
+        let target = (self.allocated + step).min(cfg.segment_bytes).max(end);
+        // Fallocate would leave unwritten extents, whose first write is journaled
+        // like an append: the zeros must really be written.
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut at = self.allocated.max(self.position);
+        while at < target {
+            let n = (target - at).min(ZEROS.len() as u64) as usize;
+            self.active
+                .file
+                .write_all_at(&ZEROS[..n], at)
+                .map_err(io_err("preallocate", &self.active.path))?;
+            at += n as u64;
+        }
+        self.allocated = target;
         Ok(())
     }
 
@@ -188,6 +242,14 @@ impl Writer {
 
     /// Seals the active segment and starts a new one at `next_offset`.
     fn roll(&mut self) -> Result<()> {
+        // A sealed segment is exactly its records: readers and recovery take a
+        // sealed file's length as its end. Durable before the next file exists.
+        if self.allocated > self.position {
+            self.active
+                .file
+                .set_len(self.position)
+                .map_err(io_err("truncate", &self.active.path))?;
+        }
         self.fsync()?;
         self.publish_index();
         self.active.size.store(self.position, Ordering::Release);
@@ -235,6 +297,7 @@ impl Writer {
         self.shared.stats.rolls.fetch_add(1, Ordering::Relaxed);
         self.active = segment;
         self.position = 0;
+        self.allocated = 0;
         self.last_indexed = None;
         Ok(())
     }

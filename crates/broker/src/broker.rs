@@ -32,7 +32,7 @@ use shoal_telemetry::Metrics;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -110,8 +110,6 @@ pub(crate) struct Topic {
 
 struct Partition {
     log: Arc<Log>,
-    /// Passes the log's durable high-water mark on to the topic's `published`.
-    forwarder: Mutex<Option<JoinHandle<()>>>,
 }
 
 pub(crate) struct Group {
@@ -340,9 +338,6 @@ impl Broker {
                 if let Err(e) = p.log.close().await {
                     warn!(topic = %t.spec.name, error = %e, "closing a partition log");
                 }
-                if let Some(task) = lock(&p.forwarder).take() {
-                    task.abort();
-                }
             }
         }
         for t in &topics {
@@ -383,10 +378,7 @@ impl Broker {
         let (published, _) = watch::channel(0u64);
         let parts = logs
             .into_iter()
-            .map(|log| Partition {
-                log: Arc::new(log),
-                forwarder: Mutex::new(None),
-            })
+            .map(|log| Partition { log: Arc::new(log) })
             .collect();
         let topic = Arc::new(Topic {
             metrics: self.inner.metrics.topic(&spec.name),
@@ -398,12 +390,20 @@ impl Broker {
             published,
         });
         for p in &topic.parts {
-            let task = tokio::spawn(forward_hwm(
-                p.log.clone(),
-                topic.published.clone(),
-                self.inner.metrics.fsyncs.clone(),
-            ));
-            *lock(&p.forwarder) = Some(task);
+            // The log's writer thread wakes the topic's waiting fetches itself after
+            // each commit, and counts the fsyncs it made.
+            let published = topic.published.clone();
+            let fsyncs = self.inner.metrics.fsyncs.clone();
+            let log = Arc::downgrade(&p.log);
+            let counted = AtomicU64::new(p.log.stats().fsyncs);
+            p.log.on_durable(move |_| {
+                published.send_modify(|v| *v = v.wrapping_add(1));
+                if let Some(log) = log.upgrade() {
+                    let now = log.stats().fsyncs;
+                    let before = counted.swap(now, Ordering::Relaxed);
+                    fsyncs.inc_by(now.saturating_sub(before));
+                }
+            });
         }
         topic
     }
@@ -1026,23 +1026,6 @@ impl Topic {
             Err(shoal_log::Error::Closed) => Err(closing()),
             Err(e) => Err(from_log(e)),
         }
-    }
-}
-
-/// Wakes the topic's waiting fetches whenever a partition's durable high-water
-/// mark moves, and counts the log's fsyncs. Ends when the broker closes (aborted).
-async fn forward_hwm(
-    log: Arc<Log>,
-    published: watch::Sender<u64>,
-    fsyncs: prometheus_client::metrics::counter::Counter,
-) {
-    let mut hwm = log.subscribe();
-    let mut counted = log.stats().fsyncs;
-    while hwm.changed().await.is_ok() {
-        published.send_modify(|v| *v = v.wrapping_add(1));
-        let now = log.stats().fsyncs;
-        fsyncs.inc_by(now.saturating_sub(counted));
-        counted = now;
     }
 }
 

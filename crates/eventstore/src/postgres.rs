@@ -46,6 +46,53 @@ CREATE TABLE IF NOT EXISTS _shoal_es_checkpoints (
     projection TEXT PRIMARY KEY,
     position BIGINT NOT NULL
 );
+-- A whole group in one round trip, when it needs no answer but success: take the
+-- lock, check every append's expected version, insert every event after the head,
+-- notify. Called outside a transaction block, so the statement is the transaction:
+-- each statement in here takes a new snapshot, and the insert sees every commit
+-- made before the lock was granted. The caller makes sure the appends' streams are
+-- distinct. Returns nothing (and writes nothing) when an expectation fails; a
+-- repeated event id fails the statement. Either way the caller then takes the
+-- general path, which tells each append its own answer.
+CREATE OR REPLACE FUNCTION _shoal_es_append_group(
+    a_stream TEXT[], a_kind SMALLINT[], a_expected BIGINT[],
+    e_append INT[], e_k BIGINT[], e_id TEXT[], e_type TEXT[], e_type_version BIGINT[],
+    e_data TEXT[], e_metadata TEXT[], now_ms BIGINT, channel TEXT)
+RETURNS TABLE (o_stream TEXT, o_version BIGINT, o_position BIGINT)
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    head BIGINT;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext(current_schema() || '._shoal_es_events'));
+    IF EXISTS (
+        SELECT 1 FROM UNNEST(a_stream, a_kind, a_expected) AS a(s, kind, expected)
+         WHERE a.kind <> 0
+           AND COALESCE((SELECT MAX(e.version) FROM _shoal_es_events e WHERE e.stream = a.s), 0)
+               <> CASE a.kind WHEN 1 THEN 0 ELSE a.expected END
+    ) THEN
+        RETURN;
+    END IF;
+    SELECT COALESCE(MAX(e.position), 0) INTO head FROM _shoal_es_events e;
+    RETURN QUERY
+    -- Materialized: each stream's version is looked up once, not once per event.
+    WITH cur AS MATERIALIZED (
+        SELECT a.idx, a.s,
+               COALESCE((SELECT MAX(e.version) FROM _shoal_es_events e WHERE e.stream = a.s), 0) AS v
+          FROM UNNEST(a_stream) WITH ORDINALITY AS a(s, idx)
+    ), ins AS (
+        INSERT INTO _shoal_es_events
+               (position, stream, version, id, event_type, type_version, data, metadata, recorded_at_ms)
+        SELECT head + ev.ord, cur.s, cur.v + ev.k, ev.id, ev.t, ev.tv, ev.d, ev.m, now_ms
+          FROM UNNEST(e_append, e_k, e_id, e_type, e_type_version, e_data, e_metadata)
+               WITH ORDINALITY AS ev(idx, k, id, t, tv, d, m, ord)
+          JOIN cur ON cur.idx = ev.idx
+        RETURNING _shoal_es_events.stream AS s, _shoal_es_events.version AS v,
+                  _shoal_es_events.position AS p
+    )
+    SELECT ins.s, MAX(ins.v), MAX(ins.p) FROM ins GROUP BY ins.s;
+    PERFORM pg_notify(channel, (head + cardinality(e_id))::text);
+END
+$fn$;
 COMMIT;
 ";
 
@@ -109,18 +156,52 @@ pub(crate) async fn listen(pool: PgPool, channel: String, head: Arc<watch::Sende
     }
 }
 
+/// The writer's own connection, outside the service's pool: the writer is one task
+/// appending group after group, and a pooled connection would cost a ping (a round
+/// trip) on every acquire. Opened on first use with the pool's options (so the same
+/// schema), and again after any failure, which may have been the connection's.
+pub(crate) type WriterConn = Arc<tokio::sync::Mutex<Option<PgConnection>>>;
+
 pub(crate) async fn commit_group(
     pool: &PgPool,
+    conn: &WriterConn,
     channel: &str,
     group: &[Write],
 ) -> Vec<Result<Appended, Error>> {
-    let mut conn = match pool.acquire().await {
-        Ok(c) => c,
-        Err(e) => return fail_all(group, &db_err("acquiring a connection to append")(e)),
+    let mut slot = conn.lock().await;
+    if slot.is_none() {
+        use sqlx::ConnectOptions;
+        match pool.connect_options().connect().await {
+            Ok(c) => *slot = Some(c),
+            Err(e) => return fail_all(group, &db_err("connecting to append")(e)),
+        }
+    }
+    let Some(conn) = slot.as_mut() else {
+        return fail_all(
+            group,
+            &Error::internal("the writer's connection is missing"),
+        );
     };
-    match append_group(&mut conn, channel, group).await {
+    match fast_group(conn, channel, group).await {
+        Ok(Some(results)) => return results,
+        Ok(None) => {}
+        Err(e) => {
+            *slot = None;
+            return fail_all(group, &e);
+        }
+    }
+    let Some(conn) = slot.as_mut() else {
+        return fail_all(
+            group,
+            &Error::internal("the writer's connection is missing"),
+        );
+    };
+    match append_group(conn, channel, group).await {
         Ok(results) => results,
-        Err(GroupError::Fatal(e)) => fail_all(group, &e),
+        Err(GroupError::Fatal(e)) => {
+            *slot = None;
+            fail_all(group, &e)
+        }
         // An event id used twice: the transaction is gone (PostgreSQL aborts it on
         // the failed statement), so each append goes again in its own, and only the
         // offending one fails.
@@ -128,7 +209,7 @@ pub(crate) async fn commit_group(
             let mut results = Vec::with_capacity(group.len());
             for w in group {
                 results.push(
-                    match append_group(&mut conn, channel, std::slice::from_ref(w)).await {
+                    match append_group(conn, channel, std::slice::from_ref(w)).await {
                         Ok(mut r) => r
                             .pop()
                             .unwrap_or_else(|| Err(Error::internal("an append went unanswered"))),
@@ -145,6 +226,99 @@ pub(crate) async fn commit_group(
 enum GroupError {
     Fatal(Error),
     OneByOne,
+}
+
+/// The group in one round trip (`_shoal_es_append_group`) when every append in it
+/// is new and on its own stream and every expectation holds: the usual case.
+/// `None` when it does not apply or did not succeed and nothing was written: the
+/// general path then answers each append.
+async fn fast_group(
+    conn: &mut PgConnection,
+    channel: &str,
+    group: &[Write],
+) -> Result<Option<Vec<Result<Appended, Error>>>, Error> {
+    let mut streams: Vec<&str> = group.iter().map(|w| w.stream.as_str()).collect();
+    streams.sort_unstable();
+    streams.dedup();
+    if streams.len() != group.len() {
+        return Ok(None);
+    }
+    let rows: usize = group.iter().map(|w| w.events.len()).sum();
+    let (mut a_stream, mut a_kind, mut a_expected) = (vec![], vec![], vec![]);
+    let mut e_append = Vec::with_capacity(rows);
+    let mut e_k = Vec::with_capacity(rows);
+    let mut e_id = Vec::with_capacity(rows);
+    let mut e_type = Vec::with_capacity(rows);
+    let mut e_type_version = Vec::with_capacity(rows);
+    let mut e_data = Vec::with_capacity(rows);
+    let mut e_metadata = Vec::with_capacity(rows);
+    for (i, w) in group.iter().enumerate() {
+        a_stream.push(w.stream.as_str());
+        let (kind, expected) = match w.expected {
+            crate::ExpectedVersion::Any => (0i16, 0i64),
+            crate::ExpectedVersion::NoStream => (1, 0),
+            crate::ExpectedVersion::Exact(v) => (2, v.min(i64::MAX as u64) as i64),
+        };
+        a_kind.push(kind);
+        a_expected.push(expected);
+        for (k, e) in w.events.iter().enumerate() {
+            // 1-based: ORDINALITY numbers the appends from 1.
+            e_append.push(i as i32 + 1);
+            e_k.push(k as i64 + 1);
+            e_id.push(e.id.as_str());
+            e_type.push(e.event_type.as_str());
+            e_type_version.push(i64::from(e.type_version));
+            e_data.push(e.data.as_str());
+            e_metadata.push(e.metadata.as_str());
+        }
+    }
+    let answered: Result<Vec<(String, i64, i64)>, sqlx::Error> = sqlx::query_as(
+        "SELECT o_stream, o_version, o_position FROM _shoal_es_append_group(
+             $1::text[], $2::int2[], $3::int8[], $4::int4[], $5::int8[], $6::text[], $7::text[],
+             $8::int8[], $9::text[], $10::text[], $11::int8, $12::text)",
+    )
+    .bind(&a_stream)
+    .bind(&a_kind)
+    .bind(&a_expected)
+    .bind(&e_append)
+    .bind(&e_k)
+    .bind(&e_id)
+    .bind(&e_type)
+    .bind(&e_type_version)
+    .bind(&e_data)
+    .bind(&e_metadata)
+    .bind(shoal_core::unix_ms() as i64)
+    .bind(channel)
+    .fetch_all(&mut *conn)
+    .await;
+    let answered = match answered {
+        Ok(a) => a,
+        // A repeated append (or an id used twice): the statement was undone.
+        Err(e)
+            if e.as_database_error()
+                .is_some_and(|d| d.is_unique_violation()) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(db_err("appending events")(e)),
+    };
+    if answered.len() != group.len() {
+        // An expectation failed: nothing was written.
+        return Ok(None);
+    }
+    let by_stream: HashMap<String, (i64, i64)> =
+        answered.into_iter().map(|(s, v, p)| (s, (v, p))).collect();
+    let mut results = Vec::with_capacity(group.len());
+    for w in group {
+        let Some(&(version, position)) = by_stream.get(&w.stream) else {
+            return Err(Error::internal("an append went unanswered"));
+        };
+        results.push(Ok(Appended {
+            version: version as u64,
+            position: position as u64,
+        }));
+    }
+    Ok(Some(results))
 }
 
 /// One transaction for the group: lock, one query that checks every append and

@@ -134,10 +134,11 @@ impl EventStore {
                 )));
                 let pool = pool.clone();
                 let channel: Arc<str> = channel.into();
+                let conn = postgres::WriterConn::default();
                 tasks.push(tokio::spawn(write_loop(rx, head_tx, move |group| {
-                    let (pool, channel) = (pool.clone(), channel.clone());
+                    let (pool, conn, channel) = (pool.clone(), conn.clone(), channel.clone());
                     async move {
-                        let results = postgres::commit_group(&pool, &channel, &group).await;
+                        let results = postgres::commit_group(&pool, &conn, &channel, &group).await;
                         (group, results)
                     }
                 })));

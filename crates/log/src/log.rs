@@ -25,6 +25,9 @@ use crate::writer::{AppendRequest, Writer};
 /// Name of the lock file that keeps two `Log`s off one directory.
 const LOCK_FILE: &str = "LOCK";
 
+/// See [`Log::on_durable`].
+pub(crate) type DurableHook = Box<dyn Fn(u64) + Send + Sync>;
+
 /// State shared by the `Log` handle, readers and the writer thread.
 pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
@@ -35,6 +38,8 @@ pub(crate) struct Shared {
     /// Durable high-water mark: the offset after the last fsynced record.
     pub(crate) hwm: watch::Sender<u64>,
     pub(crate) stats: Counters,
+    /// Called by the writer thread after each commit, see [`Log::on_durable`].
+    pub(crate) on_durable: std::sync::OnceLock<DurableHook>,
     /// Lets a test hold the writer between receiving the first request of a
     /// group and gathering the rest, to make group commit deterministic.
     #[cfg(test)]
@@ -225,6 +230,7 @@ impl Log {
             segments: RwLock::new(Arc::new(segments)),
             hwm,
             stats: Counters::default(),
+            on_durable: std::sync::OnceLock::new(),
             #[cfg(test)]
             test_gate: Mutex::new(()),
         });
@@ -383,6 +389,15 @@ impl Log {
     /// `rx.wait_for(|&next| next > my_offset).await`.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.hwm.subscribe()
+    }
+
+    /// Has the writer thread call `hook` with the new high-water mark right after
+    /// each commit, so a caller can wake its own waiters without a task of its own
+    /// watching [`Log::subscribe`] (one thread hop less between an fsync and a
+    /// consumer). The hook runs on the writer thread: it must be quick and must not
+    /// block. Only the first hook set is kept; returns whether this one was.
+    pub fn on_durable(&self, hook: impl Fn(u64) + Send + Sync + 'static) -> bool {
+        self.shared.on_durable.set(Box::new(hook)).is_ok()
     }
 
     /// The first durable offset whose timestamp is `>= unix_ms`, or

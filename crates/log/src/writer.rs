@@ -161,6 +161,9 @@ impl Writer {
         stats.records.fetch_add(records, Ordering::Relaxed);
         // Last: this is what lets readers and waiters see the new records.
         self.shared.hwm.send_replace(self.next_offset);
+        if let Some(hook) = self.shared.on_durable.get() {
+            hook(self.next_offset);
+        }
         Ok(ranges)
     }
 

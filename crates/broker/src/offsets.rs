@@ -209,4 +209,30 @@ mod tests {
         assert_eq!(again.group("h"), BTreeMap::from([(0, 1)]));
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[tokio::test]
+    async fn lazy_commits_ride_with_urgent_ones_or_follow_alone() {
+        let dir =
+            std::env::temp_dir().join(format!("shoal-broker-offsets-lazy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("offsets");
+        let c = Committer::open(&path).unwrap();
+        // A write just happened: a lazy commit now waits out the interval, and an
+        // urgent one cuts the wait short and carries it along.
+        c.submit("g", &[(0, 1)]).await.unwrap().unwrap();
+        let lazy = c.submit_lazy("g", &[(0, 2)]);
+        c.submit("h", &[(0, 9)]).await.unwrap().unwrap();
+        lazy.await.unwrap().unwrap();
+        let again = Committer::open(&path).unwrap();
+        assert_eq!(again.group("g"), BTreeMap::from([(0, 2)]));
+        assert_eq!(again.group("h"), BTreeMap::from([(0, 9)]));
+        // Alone, a lazy commit is written once the interval has passed.
+        c.submit_lazy("g", &[(0, 3)]).await.unwrap().unwrap();
+        assert_eq!(
+            Committer::open(&path).unwrap().group("g"),
+            BTreeMap::from([(0, 3)])
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

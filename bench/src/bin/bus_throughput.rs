@@ -3,8 +3,9 @@
 //! default acknowledgement, which 2.9 sends before it fsyncs), through the same
 //! `shoal_bus::Bus` client pattern on both, in one run.
 //!
-//! Usage: `bus-throughput <embedded-addr> <nats-url> [scale]`. Run by `bench/bus.sh`,
-//! which starts both servers.
+//! Usage: `bus-throughput <embedded-addr> <nats-url> [scale] [figures]`. Run by
+//! `bench/bus.sh`, which starts both servers. `figures` picks some of `lone`, `pipe`,
+//! `fan` (16 publishers) and `latency`, comma-separated (all by default).
 
 use bytes::Bytes;
 use shoal_bench::{median, report};
@@ -154,6 +155,10 @@ async fn main() {
         .expect("usage: bus-throughput <embedded-addr> <nats-url> [scale]");
     let scale: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1.0);
     let n = |x: f64| ((x * scale) as u64).max(64);
+    let figures = args
+        .next()
+        .unwrap_or_else(|| "lone,pipe,fan,latency".into());
+    let run = |f: &str| figures.split(',').any(|x| x == f);
 
     let ours: SharedBus = Arc::new(
         shoal_broker::EmbeddedBus::connect(&embedded)
@@ -167,39 +172,48 @@ async fn main() {
     );
 
     let lone_n = n(2_000.0);
-    let (a, b) = both(
-        &ours,
-        &reference,
-        |bus| async move { lone(&bus, lone_n).await },
-    )
-    .await;
-    report(
-        "publish, one publisher awaiting each ack (embedded: fsync before ack, bounded by one fsync per message; reference: JetStream, acks before fsync)",
-        a,
-        b,
-        "msgs/s",
-    );
+    if run("lone") {
+        let (a, b) = both(
+            &ours,
+            &reference,
+            |bus| async move { lone(&bus, lone_n).await },
+        )
+        .await;
+        report(
+            "publish, one publisher awaiting each ack (embedded: fsync before ack, bounded by one fsync per message; reference: JetStream, acks before fsync)",
+            a,
+            b,
+            "msgs/s",
+        );
+    }
     let pipe_n = n(100_000.0);
-    let (a, b) = both(&ours, &reference, |bus| async move {
-        pipelined(&bus, 1, 256, pipe_n).await
-    })
-    .await;
-    report(
-        "publish, one pipelined publisher, 256 in flight (reference: JetStream)",
-        a,
-        b,
-        "msgs/s",
-    );
-    let (a, b) = both(&ours, &reference, |bus| async move {
-        pipelined(&bus, 16, 1, n(20_000.0)).await
-    })
-    .await;
-    report(
-        "publish, 16 concurrent publishers awaiting each ack (reference: JetStream)",
-        a,
-        b,
-        "msgs/s",
-    );
+    if run("pipe") {
+        let (a, b) = both(&ours, &reference, |bus| async move {
+            pipelined(&bus, 1, 256, pipe_n).await
+        })
+        .await;
+        report(
+            "publish, one pipelined publisher, 256 in flight (reference: JetStream)",
+            a,
+            b,
+            "msgs/s",
+        );
+    }
+    if run("fan") {
+        let (a, b) = both(&ours, &reference, |bus| async move {
+            pipelined(&bus, 16, 1, n(20_000.0)).await
+        })
+        .await;
+        report(
+            "publish, 16 concurrent publishers awaiting each ack (reference: JetStream)",
+            a,
+            b,
+            "msgs/s",
+        );
+    }
+    if !run("latency") {
+        return;
+    }
     let lat_n = n(5_000.0);
     let (mut ours_lat, mut ref_lat) = (Vec::new(), Vec::new());
     for _ in 0..3 {

@@ -7,6 +7,9 @@
 //! ready. A publish is queued by the reader itself before it reads the next frame,
 //! so pipelined publishes are stored in the order they were sent and all of them
 //! can share one fsync. The writer sends whatever answers are ready in one write.
+//! A publish's answer is waited for by the writer itself, not by a task of its own:
+//! the log's writer thread then wakes the task that writes the answer, one thread
+//! hop less between an fsync and the publisher hearing of it.
 
 use crate::broker::Broker;
 use crate::message::encode_delivery;
@@ -14,10 +17,13 @@ use crate::protocol::{
     decode_request, encode_empty, encode_error, encode_error_for, encode_published, kind,
     read_frame, Code, Enc, FrameError, Request, VERSION,
 };
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use shoal_bus::limits;
 use shoal_core::Error;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -28,6 +34,21 @@ use tracing::{debug, warn};
 
 /// Answers waiting for the writer, per connection.
 const WRITE_QUEUE: usize = 1024;
+/// Bytes the writer gathers into one write.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+
+/// An answer still being made.
+type Answer = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+
+/// What the reader and request tasks hand the connection's writer.
+enum Outgoing {
+    /// An encoded answer, ready.
+    Frame(Vec<u8>),
+    /// An answer still being made (a publish waiting for its fsync).
+    Later(Answer),
+    /// The connection is closing on an error: answers not yet made are dropped.
+    Cut,
+}
 /// Read buffer per connection.
 const READ_BUFFER_BYTES: usize = 64 << 10;
 /// Granularity of the per-connection byte budget.
@@ -152,7 +173,7 @@ async fn connection(
     let cfg = broker.config().clone();
     broker.metrics_connections(1);
     let (rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    let (tx, rx) = mpsc::channel::<Outgoing>(WRITE_QUEUE);
     let writer = tokio::spawn(write_loop(wr, rx));
     let units = (cfg.max_connection_buffer_bytes / BUDGET_UNIT).max(1);
     let max_units = u32::try_from(units).unwrap_or(u32::MAX);
@@ -221,12 +242,15 @@ async fn connection(
     }
     if stopped {
         tasks.abort_all();
+        // Publishes already queued are still stored; their answers are cut.
+        let _ = tx.send(Outgoing::Cut).await;
     } else if let Some(last) = fatal.take() {
         closing_on_error = true;
         // A client that sends garbage gets no more answers: its other requests are
         // cut (a publish already queued is still stored).
         tasks.abort_all();
-        let _ = tx.send(last).await;
+        let _ = tx.send(Outgoing::Cut).await;
+        let _ = tx.send(Outgoing::Frame(last)).await;
     } else {
         // The client closed its side: finish what it asked for, unless told to stop.
         loop {
@@ -245,17 +269,68 @@ async fn connection(
     broker.metrics_connections(-1);
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
-    if let Err(e) = crate::protocol::write_frames(&mut wr, &mut rx).await {
+async fn write_loop(mut wr: OwnedWriteHalf, rx: mpsc::Receiver<Outgoing>) {
+    if let Err(e) = write_answers(&mut wr, rx).await {
         debug!(error = %e, "broker connection write failed");
         return;
     }
     let _ = wr.shutdown().await;
 }
 
+/// Writes answers as they become ready, gathering what is ready at once into one
+/// write. Ends when every sender is gone and every pending answer is written.
+async fn write_answers(
+    wr: &mut OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outgoing>,
+) -> std::io::Result<()> {
+    let mut later: FuturesUnordered<Answer> = FuturesUnordered::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH_BYTES);
+    let mut open = true;
+    loop {
+        if !open && later.is_empty() {
+            return Ok(());
+        }
+        buf.clear();
+        tokio::select! {
+            Some(frame) = later.next(), if !later.is_empty() => buf.extend_from_slice(frame.as_slice()),
+            out = rx.recv(), if open => match out {
+                Some(Outgoing::Frame(f)) => buf.extend_from_slice(&f),
+                Some(Outgoing::Later(f)) => later.push(f),
+                Some(Outgoing::Cut) => later.clear(),
+                None => open = false,
+            },
+        }
+        // Whatever else is ready goes in the same write.
+        while buf.len() < WRITE_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(Outgoing::Frame(f)) => buf.extend_from_slice(&f),
+                Ok(Outgoing::Later(f)) => later.push(f),
+                Ok(Outgoing::Cut) => later.clear(),
+                Err(_) => break,
+            }
+        }
+        while buf.len() < WRITE_BATCH_BYTES && !later.is_empty() {
+            let ready = std::future::poll_fn(|cx| {
+                Poll::Ready(match later.poll_next_unpin(cx) {
+                    Poll::Ready(Some(f)) => Some(f),
+                    _ => None,
+                })
+            })
+            .await;
+            match ready {
+                Some(f) => buf.extend_from_slice(&f),
+                None => break,
+            }
+        }
+        if !buf.is_empty() {
+            wr.write_all(&buf).await?;
+        }
+    }
+}
+
 async fn dispatch(
     broker: &Broker,
-    tx: &mpsc::Sender<Vec<u8>>,
+    tx: &mpsc::Sender<Outgoing>,
     tasks: &mut JoinSet<()>,
     id: u64,
     request: Request,
@@ -265,18 +340,18 @@ async fn dispatch(
     if let Request::Publish { topic, messages } = request {
         match broker.publish(&topic, messages).await {
             Ok(ticket) => {
-                let tx = tx.clone();
-                tasks.spawn(async move {
+                let answer = async move {
                     let answer = match ticket.wait().await {
                         Ok(published) => encode_published(id, &published),
                         Err(e) => encode_error_for(id, &e),
                     };
-                    let _ = tx.send(answer).await;
                     drop(permits);
-                });
+                    answer
+                };
+                let _ = tx.send(Outgoing::Later(Box::pin(answer))).await;
             }
             Err(e) => {
-                let _ = tx.send(encode_error_for(id, &e)).await;
+                let _ = tx.send(Outgoing::Frame(encode_error_for(id, &e))).await;
             }
         }
         return;
@@ -288,7 +363,7 @@ async fn dispatch(
             Ok(a) => a,
             Err(e) => encode_error_for(id, &e),
         };
-        let _ = tx.send(answer).await;
+        let _ = tx.send(Outgoing::Frame(answer)).await;
         drop(permits);
     });
 }

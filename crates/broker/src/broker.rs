@@ -394,15 +394,11 @@ impl Broker {
             // each commit, and counts the fsyncs it made.
             let published = topic.published.clone();
             let fsyncs = self.inner.metrics.fsyncs.clone();
-            let log = Arc::downgrade(&p.log);
             let counted = AtomicU64::new(p.log.stats().fsyncs);
-            p.log.on_durable(move |_| {
+            p.log.on_durable(move |total| {
                 published.send_modify(|v| *v = v.wrapping_add(1));
-                if let Some(log) = log.upgrade() {
-                    let now = log.stats().fsyncs;
-                    let before = counted.swap(now, Ordering::Relaxed);
-                    fsyncs.inc_by(now.saturating_sub(before));
-                }
+                let before = counted.swap(total, Ordering::Relaxed);
+                fsyncs.inc_by(total.saturating_sub(before));
             });
         }
         topic

@@ -753,7 +753,7 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 /// Encoded frames join into one write up to this size.
-const WRITE_BATCH_BYTES: usize = 256 << 10;
+pub(crate) const WRITE_BATCH_BYTES: usize = 256 << 10;
 
 /// Write the frames `rx` yields, joining those already queued into one write (one
 /// syscall for many pipelined frames), until `rx` closes or a write fails.

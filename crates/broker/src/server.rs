@@ -15,7 +15,7 @@ use crate::broker::Broker;
 use crate::message::encode_delivery;
 use crate::protocol::{
     decode_request, encode_empty, encode_error, encode_error_for, encode_published, kind,
-    read_frame, Code, Enc, FrameError, Request, VERSION,
+    read_frame, Code, Enc, FrameError, Request, VERSION, WRITE_BATCH_BYTES,
 };
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use shoal_bus::limits;
@@ -34,8 +34,12 @@ use tracing::{debug, warn};
 
 /// Answers waiting for the writer, per connection.
 const WRITE_QUEUE: usize = 1024;
-/// Bytes the writer gathers into one write.
-const WRITE_BATCH_BYTES: usize = 256 << 10;
+/// Read buffer per connection.
+const READ_BUFFER_BYTES: usize = 64 << 10;
+/// Granularity of the per-connection byte budget.
+const BUDGET_UNIT: usize = 1024;
+/// After shutdown, how long connections get to finish before they are cut.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// An answer still being made.
 type Answer = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
@@ -49,12 +53,6 @@ enum Outgoing {
     /// The connection is closing on an error: answers not yet made are dropped.
     Cut,
 }
-/// Read buffer per connection.
-const READ_BUFFER_BYTES: usize = 64 << 10;
-/// Granularity of the per-connection byte budget.
-const BUDGET_UNIT: usize = 1024;
-/// After shutdown, how long connections get to finish before they are cut.
-const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// Serves `broker` on `listener` until `shutdown` resolves, then closes every
 /// connection (requests in flight are cut; publishes already queued still

@@ -12,7 +12,9 @@
 //! Other processes learn of new events by `NOTIFY` on commit, so their live
 //! subscriptions wake at once instead of at the next poll.
 
-use crate::store::{advance, answers, db_err, fail_all, id_taken, lookups, plan, rows_of, Write};
+use crate::store::{
+    advance, answers, db_err, fail_all, id_taken, lookups, plan, rows_of, Encoded, Write,
+};
 use crate::types::Appended;
 use shoal_core::Error;
 use sqlx::postgres::{PgConnection, PgListener, PgPool};
@@ -228,6 +230,35 @@ enum GroupError {
     OneByOne,
 }
 
+/// The events' own columns as arrays, one element per event, for `UNNEST`.
+struct EventColumns<'a> {
+    id: Vec<&'a str>,
+    event_type: Vec<&'a str>,
+    type_version: Vec<i64>,
+    data: Vec<&'a str>,
+    metadata: Vec<&'a str>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn with_capacity(rows: usize) -> Self {
+        Self {
+            id: Vec::with_capacity(rows),
+            event_type: Vec::with_capacity(rows),
+            type_version: Vec::with_capacity(rows),
+            data: Vec::with_capacity(rows),
+            metadata: Vec::with_capacity(rows),
+        }
+    }
+
+    fn push(&mut self, e: &'a Encoded) {
+        self.id.push(e.id.as_str());
+        self.event_type.push(e.event_type.as_str());
+        self.type_version.push(i64::from(e.type_version));
+        self.data.push(e.data.as_str());
+        self.metadata.push(e.metadata.as_str());
+    }
+}
+
 /// The group in one round trip (`_shoal_es_append_group`) when every append in it
 /// is new and on its own stream and every expectation holds: the usual case.
 /// `None` when it does not apply or did not succeed and nothing was written: the
@@ -237,21 +268,14 @@ async fn fast_group(
     channel: &str,
     group: &[Write],
 ) -> Result<Option<Vec<Result<Appended, Error>>>, Error> {
-    let mut streams: Vec<&str> = group.iter().map(|w| w.stream.as_str()).collect();
-    streams.sort_unstable();
-    streams.dedup();
-    if streams.len() != group.len() {
+    if lookups(group).0.len() != group.len() {
         return Ok(None);
     }
     let rows: usize = group.iter().map(|w| w.events.len()).sum();
     let (mut a_stream, mut a_kind, mut a_expected) = (vec![], vec![], vec![]);
     let mut e_append = Vec::with_capacity(rows);
     let mut e_k = Vec::with_capacity(rows);
-    let mut e_id = Vec::with_capacity(rows);
-    let mut e_type = Vec::with_capacity(rows);
-    let mut e_type_version = Vec::with_capacity(rows);
-    let mut e_data = Vec::with_capacity(rows);
-    let mut e_metadata = Vec::with_capacity(rows);
+    let mut events = EventColumns::with_capacity(rows);
     for (i, w) in group.iter().enumerate() {
         a_stream.push(w.stream.as_str());
         let (kind, expected) = match w.expected {
@@ -265,11 +289,7 @@ async fn fast_group(
             // 1-based: ORDINALITY numbers the appends from 1.
             e_append.push(i as i32 + 1);
             e_k.push(k as i64 + 1);
-            e_id.push(e.id.as_str());
-            e_type.push(e.event_type.as_str());
-            e_type_version.push(i64::from(e.type_version));
-            e_data.push(e.data.as_str());
-            e_metadata.push(e.metadata.as_str());
+            events.push(e);
         }
     }
     let answered: Result<Vec<(String, i64, i64)>, sqlx::Error> = sqlx::query_as(
@@ -282,11 +302,11 @@ async fn fast_group(
     .bind(&a_expected)
     .bind(&e_append)
     .bind(&e_k)
-    .bind(&e_id)
-    .bind(&e_type)
-    .bind(&e_type_version)
-    .bind(&e_data)
-    .bind(&e_metadata)
+    .bind(&events.id)
+    .bind(&events.event_type)
+    .bind(&events.type_version)
+    .bind(&events.data)
+    .bind(&events.metadata)
     .bind(shoal_core::unix_ms() as i64)
     .bind(channel)
     .fetch_all(&mut *conn)
@@ -385,20 +405,12 @@ async fn try_append_group(
         let mut positions = Vec::with_capacity(rows);
         let mut stream = Vec::with_capacity(rows);
         let mut version = Vec::with_capacity(rows);
-        let mut id = Vec::with_capacity(rows);
-        let mut event_type = Vec::with_capacity(rows);
-        let mut type_version = Vec::with_capacity(rows);
-        let mut data = Vec::with_capacity(rows);
-        let mut metadata = Vec::with_capacity(rows);
+        let mut events = EventColumns::with_capacity(rows);
         for (i, (w, base, e, k)) in pending.iter().enumerate() {
             positions.push((head + 1 + i as u64) as i64);
             stream.push(w.stream.as_str());
             version.push((base + k) as i64);
-            id.push(e.id.as_str());
-            event_type.push(e.event_type.as_str());
-            type_version.push(i64::from(e.type_version));
-            data.push(e.data.as_str());
-            metadata.push(e.metadata.as_str());
+            events.push(e);
         }
         let inserted = sqlx::query(
             "INSERT INTO _shoal_es_events
@@ -409,11 +421,11 @@ async fn try_append_group(
         .bind(&positions)
         .bind(&stream)
         .bind(&version)
-        .bind(&id)
-        .bind(&event_type)
-        .bind(&type_version)
-        .bind(&data)
-        .bind(&metadata)
+        .bind(&events.id)
+        .bind(&events.event_type)
+        .bind(&events.type_version)
+        .bind(&events.data)
+        .bind(&events.metadata)
         .bind(shoal_core::unix_ms() as i64)
         .execute(&mut *conn)
         .await;

@@ -391,11 +391,12 @@ impl Log {
         self.shared.hwm.subscribe()
     }
 
-    /// Has the writer thread call `hook` with the new high-water mark right after
-    /// each commit, so a caller can wake its own waiters without a task of its own
-    /// watching [`Log::subscribe`] (one thread hop less between an fsync and a
-    /// consumer). The hook runs on the writer thread: it must be quick and must not
-    /// block. Only the first hook set is kept; returns whether this one was.
+    /// Has the writer thread call `hook` right after each commit, with the number
+    /// of fsyncs the log has made since it was opened (as in [`Log::stats`]), so a
+    /// caller can wake its own waiters without a task of its own watching
+    /// [`Log::subscribe`] (one thread hop less between an fsync and a consumer).
+    /// The hook runs on the writer thread: it must be quick and must not block.
+    /// Only the first hook set is kept; returns whether this one was.
     pub fn on_durable(&self, hook: impl Fn(u64) + Send + Sync + 'static) -> bool {
         self.shared.on_durable.set(Box::new(hook)).is_ok()
     }

@@ -162,7 +162,7 @@ impl Writer {
         // Last: this is what lets readers and waiters see the new records.
         self.shared.hwm.send_replace(self.next_offset);
         if let Some(hook) = self.shared.on_durable.get() {
-            hook(self.next_offset);
+            hook(stats.fsyncs.load(Ordering::Relaxed));
         }
         Ok(ranges)
     }

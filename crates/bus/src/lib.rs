@@ -113,6 +113,26 @@ impl OutgoingMessage {
         self
     }
 
+    /// As a consequence of `cause` (choreography): the same correlation id (the
+    /// cause's id when it had none), `cause`'s id as the causation id, and its trace
+    /// context, so the whole process can be followed from message to message.
+    pub fn caused_by(mut self, cause: &Message) -> Self {
+        let correlation = cause
+            .headers
+            .get(headers::CORRELATION_ID)
+            .cloned()
+            .unwrap_or_else(|| cause.id.clone());
+        self.headers
+            .insert(headers::CORRELATION_ID.to_string(), correlation);
+        self.headers
+            .insert(headers::CAUSATION_ID.to_string(), cause.id.clone());
+        if let Some(tp) = cause.headers.get(headers::TRACEPARENT) {
+            self.headers
+                .insert(headers::TRACEPARENT.to_string(), tp.clone());
+        }
+        self
+    }
+
     /// Bytes counted against [`limits::MAX_MESSAGE_BYTES`].
     pub fn size(&self) -> usize {
         self.payload.len()

@@ -47,6 +47,10 @@ pub use shoal_telemetry::{Metrics, RequestContext};
 /// read-through cache (`Service::event_store`, `Ctx::events`).
 pub use shoal_eventstore as events;
 
+/// Orchestrated sagas: steps with compensations, a durable saga log, resume
+/// after a crash (docs/sagas.md).
+pub use shoal_saga as saga;
+
 /// The bus contract (topics, consumer groups, messages), whatever the backend.
 pub use shoal_bus as bus;
 

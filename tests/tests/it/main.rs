@@ -7,4 +7,6 @@ mod broker;
 mod messaging;
 mod platform;
 mod resilience;
+mod saga;
 mod system;
+mod twophase;

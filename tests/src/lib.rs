@@ -123,19 +123,21 @@ pub async fn gateway(registry_url: &str, routes: &[(&str, &str)]) -> Server {
     cfg.body_limit_bytes = 64 * 1024;
     cfg.routes = routes
         .iter()
-        .map(|(prefix, service)| shoal_gateway::RouteConfig {
-            prefix: prefix.to_string(),
-            service: service.to_string(),
-            strip_prefix: false,
-            policy: None,
-        })
+        .map(|(prefix, service)| shoal_gateway::RouteConfig::to(prefix, service))
         .collect();
     gateway_with(registry_url, cfg).await
 }
 
 /// Start a gateway with `cfg` (its listen address is replaced by a free port).
+/// Its client rate limits are raised far above what a test sends, unless the test
+/// set its own.
 pub async fn gateway_with(registry_url: &str, mut cfg: shoal_gateway::GatewayConfig) -> Server {
     cfg.listen = "127.0.0.1:0".parse().expect("addr");
+    let defaults = shoal_gateway::ClientLimits::default();
+    if cfg.rate_limit.anonymous == defaults.anonymous {
+        cfg.rate_limit.anonymous.per_second = 1_000_000;
+        cfg.rate_limit.anonymous.burst = 1_000_000;
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .expect("bind gateway");

@@ -16,3 +16,8 @@ pub const X_SHOAL_DEADLINE_MS: &str = "x-shoal-deadline-ms";
 /// callee recognises a repeated key. Retries are allowed only with it or an
 /// idempotent method.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The caller's identity as the gateway verified it: the token's subject. The
+/// gateway removes any a client sends, so a service behind it can trust it.
+pub const X_SHOAL_SUBJECT: &str = "x-shoal-subject";
+/// The verified token's scopes, space-separated (with [`X_SHOAL_SUBJECT`]).
+pub const X_SHOAL_SCOPES: &str = "x-shoal-scopes";

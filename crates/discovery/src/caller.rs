@@ -1,4 +1,4 @@
-use crate::{Balancer, InflightGuard};
+use crate::{Balancer, InflightGuard, OutlierConfig};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
@@ -37,7 +37,14 @@ pub struct CallerConfig {
     pub pool_idle_timeout_ms: u64,
     /// Most idle connections kept per instance.
     pub pool_max_idle_per_host: usize,
+    /// Passive outlier detection of instances.
+    pub outlier: OutlierConfig,
 }
+
+/// A request extension: send only to instances of this version (the gateway's
+/// weighted routes choose the version before the call).
+#[derive(Clone, Debug)]
+pub struct UpstreamVersion(pub Arc<str>);
 
 impl Default for CallerConfig {
     fn default() -> Self {
@@ -47,6 +54,7 @@ impl Default for CallerConfig {
             max_connect_attempts: 3,
             pool_idle_timeout_ms: 30_000,
             pool_max_idle_per_host: 64,
+            outlier: OutlierConfig::default(),
         }
     }
 }
@@ -119,6 +127,7 @@ impl Caller {
             .pool_idle_timeout(Duration::from_millis(cfg.pool_idle_timeout_ms))
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
             .build(connector);
+        let balancer = balancer.with_outlier(cfg.outlier.clone());
         Self {
             inner: Arc::new(CallerInner {
                 balancer,
@@ -233,6 +242,10 @@ impl CallerInner {
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".to_string());
         let method = req.method().clone();
+        let version = req
+            .extensions()
+            .get::<UpstreamVersion>()
+            .map(|v| v.0.clone());
         // Counted however the attempt ends, even when its timeout drops it midway.
         let mut observed = Observed {
             caller: self,
@@ -244,7 +257,10 @@ impl CallerInner {
         let mut tried: Vec<String> = Vec::new();
         let mut last_err: Option<Error> = None;
         for _ in 0..self.cfg.max_connect_attempts.max(1) {
-            let Some(guard) = self.balancer.pick(service, &tried) else {
+            let Some(guard) = self
+                .balancer
+                .pick_version(service, &tried, version.as_deref())
+            else {
                 break;
             };
             let ep = guard.endpoint();
@@ -266,12 +282,15 @@ impl CallerInner {
             match self.http.request(attempt).await {
                 Ok(res) => {
                     observed.status = res.status().as_u16();
+                    self.balancer
+                        .report(service, ep, !res.status().is_server_error());
                     return Ok(res.map(|inner| GuardedBody {
                         inner,
                         _guard: guard,
                     }));
                 }
                 Err(e) if e.is_connect() => {
+                    self.balancer.report(service, ep, false);
                     tracing::debug!(service, instance = %ep.instance.id, error = %e, "connection refused; trying another instance");
                     tried.push(ep.instance.id.clone());
                     last_err = Some(
@@ -283,6 +302,7 @@ impl CallerInner {
                     );
                 }
                 Err(e) => {
+                    self.balancer.report(service, ep, false);
                     // The request may have reached the service: repeat it only if
                     // that is safe.
                     return Err(Error::new(

@@ -23,8 +23,8 @@ mod lease;
 mod registry_client;
 mod watch;
 
-pub use balance::{Balancer, Endpoint, InflightGuard, Strategy};
-pub use caller::{Caller, CallerConfig, GuardedBody};
+pub use balance::{Balancer, Endpoint, InflightGuard, OutlierConfig, Strategy};
+pub use caller::{Caller, CallerConfig, GuardedBody, UpstreamVersion};
 pub use client::{ClientResponse, RequestBuilder, ServiceClient};
 pub use discovery::Discovery;
 pub use faults::FaultWatch;

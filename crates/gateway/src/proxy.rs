@@ -1,21 +1,27 @@
-use crate::config::{GatewayConfig, RouteConfig};
+//! What happens to a request the gateway does not answer itself, in order:
+//! source address (trusted proxies, allow and deny lists), path normalisation,
+//! route lookup, CORS preflight, token, rate limit, scopes, cache, body limit and
+//! schema, then forwarding (or composing) and the answer back.
+
+use crate::cache::{self, CachedResponse};
+use crate::gateway::Gateway;
+use crate::guard;
+use crate::table::{normalize_path, BadPath, Lookup, Matched, Route};
 use axum::body::Body;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
-use axum::{Json, Router};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
-use shoal_core::resilience::BreakerList;
+use shoal_auth::{Claims, TokenError};
+use shoal_core::headers::{X_SHOAL_SCOPES, X_SHOAL_SUBJECT};
 use shoal_core::{ApiError, Error, ErrorKind};
-use shoal_discovery::{Balancer, Caller, Discovery, FaultWatch};
-use shoal_resilience::fault::FaultInjector;
-use shoal_resilience::{Resilience, Scope};
-use shoal_telemetry::http::ServerTelemetry;
-use shoal_telemetry::Metrics;
+use shoal_discovery::UpstreamVersion;
+use shoal_telemetry::http::RouteLabel;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection and are never
 /// forwarded.
@@ -31,199 +37,217 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// A running gateway's shared state.
-#[derive(Clone)]
-pub struct Gateway {
-    caller: Caller,
-    routes: Arc<Vec<RouteConfig>>,
-    body_limit: usize,
-    admin_allow: Arc<Vec<IpAddr>>,
-    faults: FaultInjector,
-}
+/// Headers only the gateway may set: a client's own are removed.
+const GATEWAY_ONLY: &[&str] = &[X_SHOAL_SUBJECT, X_SHOAL_SCOPES, "forwarded", "x-real-ip"];
 
-struct RouteState {
-    gw: Gateway,
-    route: RouteConfig,
-    /// The route's own policy scope, when it names a policy.
-    scope: Option<&'static Scope>,
-}
+/// Largest answer of one aggregate part.
+const MAX_PART_BYTES: usize = 1024 * 1024;
 
-impl Gateway {
-    /// A gateway over `discovery` with `cfg`'s routes.
-    pub fn new(cfg: &GatewayConfig, discovery: Discovery, metrics: Metrics) -> Result<Self, Error> {
-        cfg.validate()?;
-        let resilience = Resilience::new(
-            cfg.resilience.clone(),
-            "gateway",
-            Duration::from_millis(cfg.upstream.timeout_ms),
-            Some(&metrics),
-        )?;
-        let faults = FaultInjector::new("gateway", resilience.metrics().cloned());
-        let caller = Caller::new(
-            Balancer::new(discovery, cfg.load_balancing),
-            cfg.upstream.clone(),
-            resilience,
-            Some(metrics),
-        );
-        Ok(Self {
-            caller,
-            routes: Arc::new(cfg.routes.clone()),
-            body_limit: cfg.body_limit_bytes,
-            admin_allow: Arc::new(cfg.admin_allow.clone()),
-            faults,
-        })
-    }
-
-    /// The gateway's router: its own endpoints, then one route per prefix.
-    pub fn router(&self, metrics: Metrics) -> Router {
-        let mut router = Router::new();
-        for route in self.routes.iter() {
-            let scope = route.policy.as_ref().map(|p| {
-                self.caller
-                    .resilience()
-                    .route_scope(&route.service, &route.prefix, p)
-            });
-            let st = Arc::new(RouteState {
-                gw: self.clone(),
-                route: route.clone(),
-                scope,
-            });
-            let rest = if route.prefix == "/" {
-                "/{*rest}".to_string()
-            } else {
-                format!("{}/{{*rest}}", route.prefix)
-            };
-            router = router
-                .route(&route.prefix, any(proxy).with_state(st.clone()))
-                .route(&rest, any(proxy).with_state(st));
-        }
-        let gw = self.clone();
-        let admin = self.clone();
-        router
-            .route("/health/ready", get(move || ready(gw.clone())))
-            .route("/admin/breakers", get(breakers).with_state(admin))
-            .merge(shoal_resilience::ops_routes(
-                self.caller.resilience().clone(),
-            ))
-            .merge(shoal_telemetry::http::ops_routes(metrics))
-            .layer(DefaultBodyLimit::max(self.body_limit))
-    }
-}
-
-/// 200 once every route has a healthy upstream; 503 naming the routes without one.
-async fn ready(gw: Gateway) -> Response {
-    let d = gw.caller.balancer().discovery();
-    let missing: Vec<String> = gw
-        .routes
-        .iter()
-        .filter(|r| d.healthy(&r.service).is_empty())
-        .map(|r| format!("{} -> {}", r.prefix, r.service))
-        .collect();
-    if missing.is_empty() {
-        Json(serde_json::json!({"status": "ready"})).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "not_ready", "no_healthy_upstream": missing})),
-        )
-            .into_response()
-    }
-}
-
-/// `GET /admin/breakers`: the gateway's own breakers and every service instance's
-/// (through the control plane). Operators only: an allowed source address.
-async fn breakers(
+/// The fallback handler: every path the gateway's own router does not take.
+pub(crate) async fn dispatch(
     State(gw): State<Gateway>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-) -> Response {
-    if !gw.admin_allow.contains(&peer.ip()) {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "admin endpoints are not open to this address",
-        )
-        .into_response();
-    }
-    let mut list = BreakerList {
-        breakers: gw.caller.resilience().breakers(),
-        unreachable: Vec::new(),
-    };
-    if let Some(registry) = gw.caller.balancer().discovery().registry() {
-        match registry.breakers().await {
-            Ok(services) => {
-                list.breakers.extend(services.breakers);
-                list.unreachable.extend(services.unreachable);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "control plane breaker listing failed");
-                list.unreachable.push("control-plane".into());
-            }
-        }
-    }
-    Json(list).into_response()
-}
-
-/// True for a path that could mean something else after normalisation (dot
-/// segments, encoded slashes or dots, backslashes, empty segments): such a path is
-/// refused rather than forwarded.
-fn ambiguous_path(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains('\\')
-        || lower.contains("//")
-        || lower.split('/').any(|s| s == "." || s == "..")
-}
-
-async fn proxy(
-    State(st): State<Arc<RouteState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    let path = req.uri().path().to_string();
-    if ambiguous_path(&path) {
-        return ApiError::bad_request(
-            "the path has dot segments, encoded separators or empty segments",
-        )
-        .into_response();
+    let start = Instant::now();
+    let method = req.method().clone();
+    let raw_path = req.uri().path().to_string();
+    let mut route_name: Option<Arc<str>> = None;
+    let client = guard::client_ip(peer.ip(), req.headers(), &gw.inner.trusted);
+    let mut res = handle(&gw, peer, client, req, &mut route_name).await;
+    if let Some(name) = &route_name {
+        res.extensions_mut().insert(RouteLabel(name.clone()));
+    }
+    if !gw.inner.cfg.access_log {
+        return res;
+    }
+    tracing::info!(
+        target: "shoal::access",
+        %client,
+        method = %method,
+        path = %raw_path,
+        route = route_name.as_deref().unwrap_or("-"),
+        status = res.status().as_u16(),
+        duration_us = start.elapsed().as_micros() as u64,
+        "access"
+    );
+    res
+}
+
+async fn handle(
+    gw: &Gateway,
+    peer: SocketAddr,
+    client: IpAddr,
+    req: Request,
+    route_name: &mut Option<Arc<str>>,
+) -> Response {
+    let inner = &gw.inner;
+    if !inner.ip.permits(client) {
+        return guard::forbidden();
+    }
+    let path = match normalize_path(req.uri().path()) {
+        Ok(p) => p,
+        Err(BadPath::TooLong) => {
+            return ApiError::new(
+                StatusCode::URI_TOO_LONG,
+                "uri_too_long",
+                "the path is too long",
+            )
+            .into_response()
+        }
+        Err(BadPath::Invalid(why)) => {
+            return ApiError::new(StatusCode::BAD_REQUEST, "bad_path", why).into_response()
+        }
+    };
+    // Operators' paths spelled another way never reach a route.
+    if crate::config::RESERVED_PREFIXES
+        .iter()
+        .any(|p| path == *p || path.starts_with(&format!("{p}/")))
+    {
+        return ApiError::not_found("no route for this path").into_response();
+    }
+    let host = request_host(&req);
+    let table = gw.table();
+    let Matched { route, params } = match table.lookup(req.method(), host.as_deref(), &path) {
+        Lookup::Found(m) => m,
+        Lookup::MethodNotAllowed(allow) => {
+            let mut res = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not served on this path", req.method()),
+            )
+            .into_response();
+            let list: Vec<&str> = allow.iter().map(http::Method::as_str).collect();
+            if let Ok(v) = HeaderValue::from_str(&list.join(", ")) {
+                res.headers_mut().insert(http::header::ALLOW, v);
+            }
+            return res;
+        }
+        Lookup::NotFound => return ApiError::not_found("no route for this path").into_response(),
+    };
+    *route_name = Some(Arc::from(route.name.as_str()));
+    if !route.cfg.ip.permits(client) {
+        return guard::forbidden();
     }
     let (parts, body) = req.into_parts();
-    let body = match http_body_util::Limited::new(body, st.gw.body_limit)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
+    if let Some(cors) = &route.cors {
+        if let Some(res) = cors.preflight(&parts) {
+            return res;
+        }
+    }
+    let origin_headers = route.cors.as_ref().map(|_| parts.headers.clone());
+    let mut res = route_request(gw, &route, &params, peer, client, parts, body, &path).await;
+    if let (Some(cors), Some(h)) = (&route.cors, origin_headers) {
+        cors.apply(&h, res.headers_mut());
+    }
+    res
+}
+
+/// Token, limits, cache, body, then the upstream.
+#[allow(clippy::too_many_arguments)]
+async fn route_request(
+    gw: &Gateway,
+    route: &Route,
+    params: &std::collections::HashMap<String, String>,
+    peer: SocketAddr,
+    client: IpAddr,
+    parts: http::request::Parts,
+    body: Body,
+    path: &str,
+) -> Response {
+    let inner = &gw.inner;
+    let cfg = &route.cfg;
+    // A token is checked when the route asks for one, or may take one and got one.
+    let auth_header = parts.headers.get(http::header::AUTHORIZATION);
+    let claims: Option<Claims> = match (&inner.verifier, cfg.auth, auth_header) {
+        (Some(v), crate::config::AuthMode::Required, _)
+        | (Some(v), crate::config::AuthMode::Optional, Some(_)) => {
+            match v.verify_bearer(auth_header).await {
+                Ok(c) => Some(c),
+                Err(e) => return token_refused(&e),
+            }
+        }
+        (Some(v), crate::config::AuthMode::None, _) if !cfg.scopes.is_empty() => {
+            match v.verify_bearer(auth_header).await {
+                Ok(c) => Some(c),
+                Err(e) => return token_refused(&e),
+            }
+        }
+        _ => None,
+    };
+    // One bucket per client: its subject when signed in, else its address.
+    let key = match &claims {
+        Some(c) => format!("sub:{}", c.sub),
+        None => format!("ip:{client}"),
+    };
+    let limiter = match (&route.limiter, &claims) {
+        (Some(l), _) => l,
+        (None, Some(_)) => &inner.authenticated,
+        (None, None) => &inner.anonymous,
+    };
+    let limited = limiter.check(&key);
+    if let Err(retry_after) = limited {
+        return guard::too_many(retry_after);
+    }
+    if let Some(c) = &claims {
+        if let Some(missing) = cfg.scopes.iter().find(|s| !c.has_scope(s)) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                format!("the token lacks the scope {missing:?} this route needs"),
+            )
+            .into_response();
+        }
+    }
+
+    // The cache: only for GET and HEAD, and only what no one signed in asked.
+    let cache_key = match &cfg.cache {
+        Some(c)
+            if (parts.method == http::Method::GET || parts.method == http::Method::HEAD)
+                && !cache::request_bypasses(&parts.headers) =>
+        {
+            let key = cache::key(&parts, &route.name, &c.vary);
+            if let Some(hit) = inner.cache.get(&key, std::time::Instant::now()) {
+                return hit.to_response(std::time::Instant::now());
+            }
+            Some((key, c.ttl()))
+        }
+        _ => None,
+    };
+
+    let limit = cfg.body_limit_bytes.unwrap_or(inner.body_limit);
+    let body = match read_body(&parts.headers, body, limit).await {
+        Ok(b) => b,
+        Err(res) => return res,
+    };
+    if let Some(schema) = &route.schema {
+        if parts.method != http::Method::GET && parts.method != http::Method::HEAD {
+            if !is_json(&parts.headers) {
                 return ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("the request body is over {} bytes", st.gw.body_limit),
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "this route takes a JSON body (content-type: application/json)",
                 )
                 .into_response();
             }
-            return ApiError::bad_request("the request body could not be read").into_response();
+            if let Err(res) = schema.validate(&body) {
+                return res;
+            }
         }
+    }
+
+    if let Some(agg) = &cfg.aggregate {
+        return compose(gw, agg, params, &parts.headers, claims.as_ref()).await;
+    }
+    let Some(service) = cfg.service.as_deref() else {
+        return ApiError::internal("route without upstream").into_response();
     };
 
-    let upstream_path = if st.route.strip_prefix && st.route.prefix != "/" {
-        let rest = &path[st.route.prefix.len()..];
-        if rest.is_empty() {
-            "/".to_string()
-        } else {
-            rest.to_string()
-        }
-    } else {
-        path.clone()
-    };
+    let upstream_path = route.upstream_path(path, params);
     let path_and_query = match parts.uri.query() {
         Some(q) => format!("{upstream_path}?{q}"),
         None => upstream_path,
     };
-
     let mut out = match http::Request::builder()
         .method(parts.method.clone())
         .uri(&path_and_query)
@@ -236,29 +260,236 @@ async fn proxy(
     copy_end_to_end(&parts.headers, headers);
     headers.remove(http::header::HOST);
     headers.remove(http::header::CONTENT_LENGTH);
-    append_forwarded(headers, &parts.headers, peer);
+    for h in GATEWAY_ONLY {
+        headers.remove(*h);
+    }
+    if let Some(c) = &claims {
+        set_identity(headers, c);
+    }
+    append_forwarded(headers, &parts.headers, peer, client, &inner.trusted);
 
-    let sent = match &st.scope {
-        Some(scope) => st.gw.caller.send_in(scope, out).await,
-        None => st.gw.caller.send(&st.route.service, out).await,
+    // A weighted route picks the version first, among those with a healthy instance.
+    let discovery = inner.caller.balancer().discovery();
+    let healthy = discovery.healthy(service);
+    match route.pick_version(|v| healthy.iter().any(|i| i.version == v)) {
+        Ok(Some(v)) => {
+            out.extensions_mut()
+                .insert(UpstreamVersion(Arc::from(v.as_str())));
+        }
+        Ok(None) => {}
+        Err(()) => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_upstream",
+                format!("no healthy instance of {service} in a version with weight"),
+            )
+            .into_response()
+        }
+    }
+
+    let sent = match &cfg.policy {
+        Some(p) => {
+            let scope = inner
+                .caller
+                .resilience()
+                .route_scope(service, &route.name, p);
+            inner.caller.send_in(scope, out).await
+        }
+        None => inner.caller.send(service, out).await,
     };
     match sent {
         Ok(res) => {
-            let (mut parts, body) = res.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, Body::new(body))
+            let (mut rparts, rbody) = res.into_parts();
+            strip_hop_by_hop(&mut rparts.headers);
+            if let Some((key, ttl)) = cache_key {
+                return store_in_cache(gw, key, ttl, rparts, Body::new(rbody)).await;
+            }
+            Response::from_parts(rparts, Body::new(rbody))
         }
-        Err(e) => {
-            let none_healthy = st
-                .gw
-                .caller
-                .balancer()
-                .discovery()
-                .healthy(&st.route.service)
-                .is_empty();
-            upstream_error(&st.route.service, &e, none_healthy).into_response()
+        Err(e) => upstream_error(service, &e, healthy.is_empty()).into_response(),
+    }
+}
+
+/// Forward the answer, keeping a copy when it may be cached and is small enough
+/// (its length known and within the entry limit); others stream through uncached.
+async fn store_in_cache(
+    gw: &Gateway,
+    key: cache::CacheKey,
+    ttl: Duration,
+    mut parts: http::response::Parts,
+    body: Body,
+) -> Response {
+    let Some(fresh) = cache::freshness(ttl, parts.status, &parts.headers) else {
+        return Response::from_parts(parts, body);
+    };
+    let len = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if len.is_none_or(|n| n > gw.inner.cfg.cache.max_entry_bytes) {
+        return Response::from_parts(parts, body);
+    }
+    let bytes = match cache::collect_bounded(body, gw.inner.cfg.cache.max_entry_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the answer broke off",
+            )
+            .into_response()
+        }
+    };
+    let stored = gw.inner.cache.put(
+        key,
+        CachedResponse::new(
+            parts.status,
+            parts.headers.clone(),
+            bytes.clone(),
+            std::time::Instant::now(),
+            fresh,
+        ),
+    );
+    if stored {
+        parts.headers.insert(cache::X_SHOAL_CACHE, cache::MISS);
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// The composed answer of an aggregate route: its parts called in parallel with
+/// the caller's identity.
+async fn compose(
+    gw: &Gateway,
+    agg: &crate::aggregate::AggregateConfig,
+    params: &std::collections::HashMap<String, String>,
+    original: &HeaderMap,
+    claims: Option<&Claims>,
+) -> Response {
+    let caller = gw.inner.caller.clone();
+    let mut base = HeaderMap::new();
+    for h in [http::header::AUTHORIZATION, http::header::ACCEPT_LANGUAGE] {
+        if let Some(v) = original.get(&h) {
+            base.insert(h, v.clone());
         }
     }
+    if let Some(c) = claims {
+        set_identity(&mut base, c);
+    }
+    crate::aggregate::compose(agg, params, move |part, path| {
+        let caller = caller.clone();
+        let headers = base.clone();
+        Box::pin(async move {
+            let mut req = http::Request::get(&path)
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| Error::internal("bad part path").with_source(e))?;
+            *req.headers_mut() = headers;
+            let res = caller.send(&part.service, req).await?;
+            let status = res.status();
+            let body = http_body_util::Limited::new(res.into_body(), MAX_PART_BYTES)
+                .collect()
+                .await
+                .map_err(|e| {
+                    Error::unavailable(format!("{}: answer unreadable: {e}", part.service))
+                })?
+                .to_bytes();
+            Ok((status, body))
+        })
+    })
+    .await
+}
+
+fn set_identity(headers: &mut HeaderMap, c: &Claims) {
+    if let Ok(v) = HeaderValue::from_str(&c.sub) {
+        headers.insert(HeaderName::from_static(X_SHOAL_SUBJECT), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&c.scopes.join(" ")) {
+        headers.insert(HeaderName::from_static(X_SHOAL_SCOPES), v);
+    }
+}
+
+/// 401 for a missing or bad token (503 when no keys can be had to check it).
+pub(crate) fn token_refused(e: &TokenError) -> Response {
+    if matches!(e, TokenError::KeysUnavailable) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "keys_unavailable",
+            "tokens cannot be checked right now",
+        )
+        .into_response();
+    }
+    let mut res = ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.message()).into_response();
+    let challenge = if matches!(e, TokenError::Missing) {
+        "Bearer".to_string()
+    } else {
+        format!(
+            "Bearer error=\"invalid_token\", error_description=\"{}\"",
+            e.code()
+        )
+    };
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        res.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+    }
+    res
+}
+
+/// The body, whole and within `limit` (413 beyond; told by `Content-Length`
+/// before a byte is read, when the client sends one).
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Response> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is over {limit} bytes"),
+        )
+        .into_response()
+    };
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(_) => Err(ApiError::bad_request("the request body could not be read").into_response()),
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+/// The host a request is for: HTTP/2's `:authority` or the `Host` header, lower
+/// case, without port.
+fn request_host(req: &Request) -> Option<String> {
+    let raw = req.uri().host().map(str::to_string).or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    })?;
+    let host = if raw.starts_with('[') {
+        raw.split(']').next().map(|h| format!("{h}]"))?
+    } else {
+        raw.split(':').next()?.to_string()
+    };
+    Some(host.to_ascii_lowercase())
 }
 
 /// The gateway's answer for a failed upstream call, by the error's kind.
@@ -317,13 +548,37 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn append_forwarded(headers: &mut HeaderMap, original: &HeaderMap, peer: SocketAddr) {
+/// `X-Forwarded-For`: a trusted proxy's chain is kept and the peer appended; from
+/// anyone else the client's own header is dropped and the peer is the chain.
+fn append_forwarded(
+    headers: &mut HeaderMap,
+    original: &HeaderMap,
+    peer: SocketAddr,
+    client: IpAddr,
+    trusted: &[guard::IpNet],
+) {
     let xff = HeaderName::from_static("x-forwarded-for");
-    // This gateway is the edge: a client's own X-Forwarded-For is not trusted
-    // (trusted proxies come with the full gateway).
+    let peer_trusted = trusted.iter().any(|n| n.contains(&peer.ip()));
+    let chain = if peer_trusted {
+        let prior: Vec<&str> = original
+            .get_all(&xff)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            peer.ip().to_string()
+        } else {
+            format!("{}, {}", prior.join(", "), peer.ip())
+        }
+    } else {
+        peer.ip().to_string()
+    };
     headers.remove(&xff);
-    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+    if let Ok(v) = HeaderValue::from_str(&chain) {
         headers.insert(xff, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+        headers.insert(HeaderName::from_static("x-real-ip"), v);
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
@@ -334,67 +589,9 @@ fn append_forwarded(headers: &mut HeaderMap, original: &HeaderMap, peer: SocketA
     }
 }
 
-/// Serve the gateway on `listener` until `shutdown` resolves.
-pub async fn serve(
-    cfg: &GatewayConfig,
-    listener: tokio::net::TcpListener,
-    discovery: Discovery,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
-    let metrics = Metrics::new("gateway");
-    let registry = discovery.registry().cloned();
-    let gw = Gateway::new(cfg, discovery, metrics.clone())?;
-    let _fault_watch = registry.map(|r| FaultWatch::start(r, gw.faults.clone()));
-    let telemetry = Arc::new(ServerTelemetry {
-        metrics: metrics.clone(),
-        // Services say who served; the gateway adds nothing of its own.
-        served_by: None,
-        // The edge sets the deadline (its request timeout), which travels to every
-        // service the request reaches; a client's own deadline header is not trusted.
-        request_timeout: Some(Duration::from_millis(cfg.request_timeout_ms)),
-        honour_deadline: false,
-    });
-    let app = gw
-        .router(metrics)
-        .fallback(|| async { ApiError::not_found("no route for this path") })
-        .layer(axum::middleware::from_fn_with_state(
-            gw.faults.clone(),
-            shoal_resilience::fault::middleware,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            telemetry,
-            shoal_telemetry::http::layer,
-        ));
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(Error::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ambiguous_paths_are_caught() {
-        for p in [
-            "/api/../admin",
-            "/api/%2e%2e/admin",
-            "/api/%2E./x",
-            "/api/a%2fb",
-            "/a//b",
-            "/a/./b",
-            "/a\\b",
-        ] {
-            assert!(ambiguous_path(p), "{p}");
-        }
-        for p in ["/api/products", "/api/products/p-1", "/api/a.b", "/"] {
-            assert!(!ambiguous_path(p), "{p}");
-        }
-    }
 
     #[test]
     fn connection_named_headers_are_not_forwarded() {
@@ -408,5 +605,25 @@ mod tests {
         assert!(to.get("x-secret").is_none());
         assert!(to.get("transfer-encoding").is_none());
         assert_eq!(to.get("x-kept").unwrap(), "2");
+    }
+
+    #[test]
+    fn json_content_types_are_recognised() {
+        for (ct, json) in [
+            ("application/json", true),
+            ("application/json; charset=utf-8", true),
+            ("Application/JSON", true),
+            ("application/problem+json", true),
+            ("text/plain", false),
+            ("application/jsonx", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_str(ct).unwrap(),
+            );
+            assert_eq!(is_json(&h), json, "{ct}");
+        }
+        assert!(!is_json(&HeaderMap::new()));
     }
 }

@@ -103,7 +103,14 @@ impl SystemFile {
     pub fn load(path: &Path) -> Result<Self, Error> {
         // The process environment does not override the system file: `SHOAL_*`
         // variables belong to services.
-        let sys: Self = shoal_core::config::load(Some(path), Vec::new())?;
+        let mut sys: Self = shoal_core::config::load(Some(path), Vec::new())?;
+        // The gateway reads its routes file and schemas relative to this file.
+        sys.gateway.base_dir = Some(
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_path_buf(),
+        );
         sys.validate()
             .map_err(|e| Error::config(format!("{}: {}", path.display(), e.message())))?;
         Ok(sys)
@@ -135,12 +142,14 @@ impl SystemFile {
                 }
             }
         }
-        for r in &self.gateway.routes {
-            if !self.services.contains_key(&r.service) {
-                return Err(Error::config(format!(
-                    "gateway route {} names service {:?}, which is not in [services]",
-                    r.prefix, r.service
-                )));
+        for r in &self.gateway.load_routes()? {
+            for s in r.services() {
+                if !self.services.contains_key(s) {
+                    return Err(Error::config(format!(
+                        "gateway route {} names service {s:?}, which is not in [services]",
+                        r.name()
+                    )));
+                }
             }
         }
         if let Some(b) = &self.build {

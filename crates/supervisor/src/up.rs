@@ -351,8 +351,13 @@ fn print_summary(
             pids.join(", ")
         );
     }
-    if let Some(r) = sys.gateway.routes.first() {
-        eprintln!("\n  try:    curl {gw_url}{}", r.prefix);
+    if let Some(p) = sys
+        .gateway
+        .load_routes()
+        .ok()
+        .and_then(|r| r.into_iter().find_map(|r| r.prefix))
+    {
+        eprintln!("\n  try:    curl {gw_url}{p}");
     }
     eprintln!("  status: shoal status   logs: {}", log_dir.display());
     eprintln!("  Ctrl-C stops everything.\n");

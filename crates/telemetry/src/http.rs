@@ -42,6 +42,12 @@ pub struct ServerTelemetry {
     pub honour_deadline: bool,
 }
 
+/// A response extension naming the route that served a request, for servers that
+/// route by themselves (the gateway's route table) rather than by axum's router:
+/// metrics are labelled with it instead of `unmatched`.
+#[derive(Clone, Debug)]
+pub struct RouteLabel(pub Arc<str>);
+
 /// `GET /health/live` and `GET /metrics`, which every shoal server answers the same
 /// way. Each server adds its own `/health/ready`: what "ready" means differs.
 pub fn ops_routes(metrics: Metrics) -> Router {
@@ -162,6 +168,10 @@ pub async fn layer(
     }
     let status = res.status().as_u16();
     let elapsed = start.elapsed();
+    let route = match res.extensions().get::<RouteLabel>() {
+        Some(r) => r.0.to_string(),
+        None => route,
+    };
     st.metrics
         .observe_server(&route, &method, status, elapsed.as_secs_f64());
     span.in_scope(|| {

@@ -489,12 +489,7 @@ async fn a_deadline_set_at_the_edge_cancels_downstream_work() {
         &cp.url(),
         shoal_gateway::GatewayConfig {
             request_timeout_ms: 400,
-            routes: vec![shoal_gateway::RouteConfig {
-                prefix: "/via".into(),
-                service: "front".into(),
-                strip_prefix: false,
-                policy: None,
-            }],
+            routes: vec![shoal_gateway::RouteConfig::to("/via", "front")],
             ..Default::default()
         },
     )

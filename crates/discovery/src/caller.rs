@@ -39,6 +39,9 @@ pub struct CallerConfig {
     pub pool_max_idle_per_host: usize,
     /// Passive outlier detection of instances.
     pub outlier: OutlierConfig,
+    /// Speak HTTP/2 to instances (cleartext, by prior knowledge: every shoal
+    /// service accepts it): many requests share one connection per instance.
+    pub http2: bool,
 }
 
 /// A request extension: send only to instances of this version (the gateway's
@@ -55,6 +58,7 @@ impl Default for CallerConfig {
             pool_idle_timeout_ms: 30_000,
             pool_max_idle_per_host: 64,
             outlier: OutlierConfig::default(),
+            http2: false,
         }
     }
 }
@@ -126,6 +130,7 @@ impl Caller {
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_millis(cfg.pool_idle_timeout_ms))
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .http2_only(cfg.http2)
             .build(connector);
         let balancer = balancer.with_outlier(cfg.outlier.clone());
         Self {

@@ -27,6 +27,7 @@ fn echo(hits: Arc<AtomicUsize>) -> Router {
         .fallback(
             |State(hits): State<Arc<AtomicUsize>>,
              method: Method,
+             version: http::Version,
              uri: http::Uri,
              headers: HeaderMap,
              body: Bytes| async move {
@@ -47,6 +48,7 @@ fn echo(hits: Arc<AtomicUsize>) -> Router {
                     "real_ip": h("x-real-ip"),
                     "host": h("host"),
                     "body_len": body.len(),
+                    "version": format!("{version:?}"),
                 }))
                 .into_response();
                 if uri.path().ends_with("/private") {
@@ -1044,6 +1046,21 @@ async fn http2_clients_are_served() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.version(), http::Version::HTTP_2);
+    // Towards services: HTTP/1.1 by default, HTTP/2 by config.
+    assert_eq!(
+        get(r.gw.addr, "/api/v", &[]).await.json()["version"],
+        "HTTP/1.1"
+    );
+    let h2 = rig("[[routes]]\nprefix = \"/api\"\nservice = \"echo\"\n", |c| {
+        c.upstream.http2 = true
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            get(h2.gw.addr, "/api/v", &[]).await.json()["version"],
+            "HTTP/2.0"
+        );
+    }
 }
 
 // --- small encoders for hand-made tokens -----------------------------------------
@@ -1068,4 +1085,144 @@ fn b64url(data: &[u8]) -> String {
 fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
     let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
     ring::hmac::sign(&k, msg).as_ref().to_vec()
+}
+
+#[tokio::test]
+async fn keys_come_from_the_identity_service_and_follow_its_rotation() {
+    let cp = control_plane().await;
+    let ring = Arc::new(std::sync::Mutex::new(KeyRing::new(
+        SigningKey::generate_es256("k1").unwrap(),
+    )));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let identity = Router::new()
+        .route(
+            "/.well-known/jwks.json",
+            axum::routing::get(
+                |State((ring, fetches)): State<(
+                    Arc<std::sync::Mutex<KeyRing>>,
+                    Arc<AtomicUsize>,
+                )>| async move {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    axum::Json(ring.lock().unwrap().jwks())
+                },
+            ),
+        )
+        .with_state((ring.clone(), fetches.clone()));
+    let _identity = start("identity", "1.0.0", &cp.url(), identity).await;
+    let _echo = start("echo", "1.0.0", &cp.url(), echo(Arc::default())).await;
+    let auth: shoal_gateway::AuthConfig = toml::from_str(&format!(
+        "issuer = \"{ISS}\"\naudience = \"{AUD}\"\njwks_refresh_min_interval_ms = 1\njwks_max_age_ms = 200\n"
+    ))
+    .unwrap();
+    let cfg = GatewayConfig {
+        routes: routes("[[routes]]\nprefix = \"/api\"\nservice = \"echo\"\nauth = \"required\"\n"),
+        auth: Some(auth),
+        ..Default::default()
+    };
+    let gw = gateway_with(&cp.url(), cfg).await;
+    assert!(answers_ok(gw.addr, "/health/ready", Duration::from_secs(10)).await);
+    let sign = |kid_ring: &KeyRing, sub: &str| {
+        kid_ring
+            .sign(&TokenClaims {
+                sub: sub.into(),
+                scope: "s".into(),
+                iss: ISS.into(),
+                aud: AUD.into(),
+                iat: now(),
+                exp: now() + 600,
+            })
+            .unwrap()
+    };
+    let old = sign(&ring.lock().unwrap(), "alice");
+    let a = get(
+        gw.addr,
+        "/api/x",
+        &[("authorization", &format!("Bearer {old}"))],
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    // Rotation: the new key signs; a token with its kid makes the gateway fetch the
+    // keys again; the old key keeps verifying its tokens.
+    ring.lock()
+        .unwrap()
+        .rotate(
+            SigningKey::generate_es256("k2").unwrap(),
+            SystemTime::now() + Duration::from_secs(600),
+        )
+        .unwrap();
+    let new = sign(&ring.lock().unwrap(), "bob");
+    assert!(new
+        .split('.')
+        .next()
+        .is_some_and(|h| h != old.split('.').next().unwrap()));
+    let b = get(
+        gw.addr,
+        "/api/x",
+        &[("authorization", &format!("Bearer {new}"))],
+    )
+    .await;
+    assert_eq!(b.status, StatusCode::OK, "{}", b.text());
+    assert_eq!(b.json()["subject"], "bob");
+    assert_eq!(
+        get(
+            gw.addr,
+            "/api/x",
+            &[("authorization", &format!("Bearer {old}"))]
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    // A revoked key stops verifying once the gateway's copy of the keys is renewed.
+    ring.lock().unwrap().revoke("k1");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            get(
+                gw.addr,
+                "/api/x",
+                &[("authorization", &format!("Bearer {old}"))],
+            )
+            .await
+            .status
+                == StatusCode::UNAUTHORIZED
+        })
+        .await
+    );
+    assert_eq!(
+        get(
+            gw.addr,
+            "/api/x",
+            &[("authorization", &format!("Bearer {new}"))]
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    assert!(fetches.load(Ordering::SeqCst) >= 2);
+
+    // No identity service and no keys yet: tokens cannot be checked, 503, not 401.
+    let lost: shoal_gateway::AuthConfig = toml::from_str(&format!(
+        "issuer = \"{ISS}\"\naudience = \"{AUD}\"\njwks_service = \"nobody\"\n"
+    ))
+    .unwrap();
+    let gw2 = gateway_with(
+        &cp.url(),
+        GatewayConfig {
+            routes: routes(
+                "[[routes]]\nprefix = \"/api\"\nservice = \"echo\"\nauth = \"required\"\n",
+            ),
+            auth: Some(lost),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(answers_ok(gw2.addr, "/health/ready", Duration::from_secs(10)).await);
+    let c = get(
+        gw2.addr,
+        "/api/x",
+        &[("authorization", &format!("Bearer {new}"))],
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::SERVICE_UNAVAILABLE, "{}", c.text());
+    assert_eq!(code(&c), "keys_unavailable");
 }

@@ -212,19 +212,6 @@ fn ambiguous(path: &str) -> bool {
     path.contains("//") || path.split('/').any(|s| s == "." || s == "..")
 }
 
-/// `value` percent-encoded for a path segment or query value: everything but
-/// RFC 3986's unreserved characters, so `/`, `?`, `#`, `&`, `=` and `%` in a value
-/// stay inside it.
-fn encode(value: &str, out: &mut String) {
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-}
-
 /// The path a part calls for this request: 400 when a parameter is empty or would
 /// make a dot segment, 500 when the config was not validated against the route.
 fn fill(template: &str, params: &HashMap<String, String>) -> Result<String, ApiError> {
@@ -237,7 +224,7 @@ fn fill(template: &str, params: &HashMap<String, String>) -> Result<String, ApiE
         match piece {
             Piece::Literal(l) => out.push_str(l),
             Piece::Param(name) => match params.get(name) {
-                Some(v) if !v.is_empty() => encode(v, &mut out),
+                Some(v) if !v.is_empty() => crate::table::percent_encode(v, &mut out),
                 Some(_) => {
                     return Err(ApiError::bad_request(format!(
                         "the path parameter {name} is empty"

@@ -66,19 +66,8 @@ const ENTRY_OVERHEAD_BYTES: usize = 256;
 /// gateway has no use for keeping: 206 needs range handling, 405/414/501/308 are rare).
 const STORABLE: &[u16] = &[200, 203, 204, 300, 301, 404, 410];
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, never an
-/// answer, so they are not kept. The same list as the proxy's.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// Hop-by-hop headers describe one connection, never an answer: not kept.
+use crate::proxy::HOP_BY_HOP;
 
 /// Headers of one exchange rather than of the answer: replaying them would tie a
 /// client's answer to another client's request (its id, its trace).

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection and are never
 /// forwarded.
-const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",

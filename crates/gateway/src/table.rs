@@ -354,7 +354,7 @@ pub(crate) fn fill_template(t: &str, params: &HashMap<String, String>) -> String
     for s in split(t) {
         out.push('/');
         match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-            Some(p) => out.push_str(&percent_encode(params.get(p).map_or("", String::as_str))),
+            Some(p) => percent_encode(params.get(p).map_or("", String::as_str), &mut out),
             None => out.push_str(s),
         }
     }
@@ -364,16 +364,16 @@ pub(crate) fn fill_template(t: &str, params: &HashMap<String, String>) -> String
     out
 }
 
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
+/// `value` percent-encoded onto `out`: everything but RFC 3986's unreserved
+/// characters, so `/`, `?`, `#`, `&`, `=` and `%` in a value stay inside it.
+pub(crate) fn percent_encode(value: &str, out: &mut String) {
+    for b in value.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
+            out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
     }
-    out
 }
 
 fn percent_decode(s: &str) -> String {

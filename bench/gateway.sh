@@ -64,8 +64,9 @@ service = "hello"
 # The script fills in: @JWKS_FILE@ (an Ed25519 JWKS it makes), @SCHEMA_FILE@
 # (bench/nginx/gateway-hello.schema.json), @ISSUER@, @AUDIENCE@, @SCOPE@. The rate
 # limit must sit far above what the run reaches, so that it is checked on every
-# request and refuses none (any non-2xx answer fails the run).
-FEATURES_GATEWAY_TOML=''
+# request and refuses none (any non-2xx answer fails the run). The environment's
+# FEATURES_GATEWAY_TOML, when set, is taken instead (to try a config out).
+FEATURES_GATEWAY_TOML="${FEATURES_GATEWAY_TOML:-}"
 # A sketch to start from:
 # FEATURES_GATEWAY_TOML='
 # [gateway.auth]

@@ -61,6 +61,9 @@ pub struct GatewayConfig {
     pub cache: CacheLimits,
     /// Client connections.
     pub server: ServerConfig,
+    /// An OpenAPI 3 document of the public API, served at `GET /openapi.json`
+    /// (relative to the system file); read and checked at start.
+    pub openapi_file: Option<PathBuf>,
     /// The folder relative paths are read from (the system file's); set by the
     /// loader, not by the file.
     #[serde(skip)]
@@ -88,6 +91,7 @@ impl Default for GatewayConfig {
             admin: AdminConfig::default(),
             cache: CacheLimits::default(),
             server: ServerConfig::default(),
+            openapi_file: None,
             base_dir: None,
         }
     }
@@ -344,7 +348,8 @@ impl RoutesFile {
 }
 
 /// Paths the gateway answers itself.
-pub(crate) const RESERVED: &[&str] = &["/health/live", "/health/ready", "/metrics"];
+pub(crate) const RESERVED: &[&str] =
+    &["/health/live", "/health/ready", "/metrics", "/openapi.json"];
 /// Prefixes the gateway keeps for itself: operators' endpoints.
 pub(crate) const RESERVED_PREFIXES: &[&str] = &["/admin", "/ops"];
 
@@ -406,9 +411,37 @@ impl GatewayConfig {
                 "gateway: set either routes or routes_file, not both",
             ));
         }
+        self.load_openapi()?;
         let routes = self.load_routes()?;
         crate::table::Table::compile(self, &routes, None)?;
         Ok(())
+    }
+
+    /// The OpenAPI document, when configured: JSON, an object with an `openapi`
+    /// version 3.x, at most 4 MiB.
+    pub(crate) fn load_openapi(&self) -> Result<Option<bytes::Bytes>, Error> {
+        let Some(f) = &self.openapi_file else {
+            return Ok(None);
+        };
+        let path = self.resolve(f);
+        let bad =
+            |why: String| Error::config(format!("gateway.openapi_file: {}: {why}", path.display()));
+        let text = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+        if text.len() > 4 * 1024 * 1024 {
+            return Err(bad("over 4 MiB".into()));
+        }
+        let doc: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        if !doc
+            .get("openapi")
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| v.starts_with("3."))
+        {
+            return Err(bad(
+                "not an OpenAPI 3 document (no \"openapi\": \"3.x\")".into()
+            ));
+        }
+        Ok(Some(bytes::Bytes::from(text)))
     }
 
     /// A path from the config, resolved against the system file's folder.

@@ -45,6 +45,7 @@ pub(crate) struct Inner {
     pub(crate) ip: IpRules,
     pub(crate) admin_allow: IpRules,
     pub(crate) body_limit: usize,
+    openapi: Option<Bytes>,
 }
 
 /// The JWKS from the identity service, through discovery and its policy.
@@ -141,6 +142,7 @@ impl Gateway {
                     deny: Vec::new(),
                 },
                 body_limit: cfg.body_limit_bytes,
+                openapi: cfg.load_openapi()?,
                 cfg: cfg.clone(),
             }),
         })
@@ -226,8 +228,23 @@ impl Gateway {
     /// The gateway's router: its own endpoints, then the route table.
     pub fn router(&self, metrics: Metrics) -> Router {
         let gw = self.clone();
+        let doc = self.inner.openapi.clone();
         Router::new()
             .route("/health/ready", get(move || ready(gw.clone())))
+            .route(
+                "/openapi.json",
+                get(move || {
+                    let doc = doc.clone();
+                    async move {
+                        match doc {
+                            Some(d) => ([(http::header::CONTENT_TYPE, "application/json")], d)
+                                .into_response(),
+                            None => ApiError::not_found("no API description is configured")
+                                .into_response(),
+                        }
+                    }
+                }),
+            )
             .route("/admin/routes", get(crate::admin::routes))
             .route("/admin/routes/reload", post(crate::admin::reload))
             .route(

@@ -247,6 +247,31 @@ async fn routes_match_by_method_host_and_path_and_rewrite() {
 }
 
 #[tokio::test]
+async fn the_api_description_is_served_and_checked_at_start() {
+    let dir = temp_dir("openapi");
+    let doc = dir.join("openapi.json");
+    std::fs::write(
+        &doc,
+        r#"{"openapi":"3.1.0","info":{"title":"shop","version":"1"},"paths":{}}"#,
+    )
+    .unwrap();
+    let r = rig("", |c| c.openapi_file = Some(doc.clone())).await;
+    let a = get(r.gw.addr, "/openapi.json", &[]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json()["openapi"], "3.1.0");
+    std::fs::write(&doc, r#"{"swagger":"2.0"}"#).unwrap();
+    let cfg = GatewayConfig {
+        openapi_file: Some(doc),
+        ..Default::default()
+    };
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("gateway.openapi_file") && e.contains("OpenAPI 3"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn traversal_encoded_separators_and_smuggling_are_refused() {
     let r = rig(
         "[[routes]]\nprefix = \"/api\"\nservice = \"echo\"\n",

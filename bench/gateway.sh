@@ -9,6 +9,7 @@
 #   bash bench/gateway.sh [seconds] [connections]   # 10 and 64 by default
 #   ROUNDS=1 bash bench/gateway.sh 5                # a quick look
 #   FEATURES=1 bash bench/gateway.sh                # JWT + rate limit + schema (below)
+#   FLOOR=1 bash bench/gateway.sh                   # also a bare hyper proxy (below)
 #
 # Fairness, on a 2-CPU machine:
 # - The proxy under test gets CPU 1 to itself (taskset): nginx with
@@ -30,13 +31,19 @@
 #   bulkhead), its always-on per-client rate limit set out of reach (below).
 # - Each round prints the busy share of both CPUs and the proxy's CPU time per
 #   request (from /proc), so a saturated load CPU or a neighbour's build shows.
+#   When nginx's run shows CPU 0 near 100%, wrk and the upstream were the limit
+#   and the reference figure is a floor of what nginx can do.
+#
+# FLOOR=1 adds a third proxy, pinned and threaded the same way:
+# bench/src/bin/gateway_bare_proxy.rs, hyper's server and the same pooled
+# hyper-util client the gateway uses, with no routing, policies or telemetry. It
+# tells the stack's cost (tokio, hyper) from the gateway's own work per request.
 #
 # Knobs (environment): ROUNDS, WARMUP_SECONDS, PROXY_CPUS (1), LOAD_CPUS (0),
-# ACCESS_LOG (0);
-# GATEWAY_POLICY (a route `policy`, e.g. `none`) and GATEWAY_LOG_LEVEL, to look
-# for where the gateway spends time. nginx and wrk are installed with apt-get if
-# missing; nginx runs as the calling user in a temporary folder, never as the
-# system's service.
+# ACCESS_LOG (0), FLOOR (0), FEATURES (0); GATEWAY_POLICY (a route `policy`, e.g.
+# `none`) and GATEWAY_LOG_LEVEL, to look for where the gateway spends time. nginx
+# and wrk are installed with apt-get if missing; nginx runs as the calling user in
+# a temporary folder, never as the system's service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,32 +64,28 @@ service = "hello"
 '
 
 # ---- FEATURES=1: JWT + rate limit + JSON Schema on the gateway's route ----------
-# TODO(lead): the gateway's route of the FEATURES=1 mode, written into the system
-# file in place of the plain route once token checks, rate limits and schema
-# validation are wired into the proxy (the keys below follow docs/gateway.md as
-# drafted and are not final). Until it is set, FEATURES=1 stops with a message.
-# The script fills in: @JWKS_FILE@ (an Ed25519 JWKS it makes), @SCHEMA_FILE@
+# The gateway's route of the FEATURES=1 mode, written into the system file in
+# place of the plain route (keys: docs/gateway.md). The script fills in: @JWKS_FILE@ (an Ed25519 JWKS it makes), @SCHEMA_FILE@
 # (bench/nginx/gateway-hello.schema.json), @ISSUER@, @AUDIENCE@, @SCOPE@. The rate
 # limit must sit far above what the run reaches, so that it is checked on every
 # request and refuses none (any non-2xx answer fails the run). The environment's
 # FEATURES_GATEWAY_TOML, when set, is taken instead (to try a config out).
-FEATURES_GATEWAY_TOML="${FEATURES_GATEWAY_TOML:-}"
-# A sketch to start from:
-# FEATURES_GATEWAY_TOML='
-# [gateway.auth]
-# issuer = "@ISSUER@"
-# audience = "@AUDIENCE@"
-# jwks_file = "@JWKS_FILE@"
-#
-# [[gateway.routes]]
-# prefix = "/hello"
-# service = "hello"
-# methods = ["POST"]
-# auth = "required"
-# scopes = ["@SCOPE@"]
-# rate_limit = { per_second = 1000000000, burst = 1000000000 }
-# schema_file = "@SCHEMA_FILE@"
-# '
+DEFAULT_FEATURES_GATEWAY_TOML='
+[gateway.auth]
+issuer = "@ISSUER@"
+audience = "@AUDIENCE@"
+jwks_file = "@JWKS_FILE@"
+
+[[gateway.routes]]
+prefix = "/hello"
+service = "hello"
+methods = ["POST"]
+auth = "required"
+scopes = ["@SCOPE@"]
+rate_limit = { per_second = 1000000000, burst = 1000000000 }
+schema_file = "@SCHEMA_FILE@"
+'
+FEATURES_GATEWAY_TOML="${FEATURES_GATEWAY_TOML:-$DEFAULT_FEATURES_GATEWAY_TOML}"
 # wrk sends bench/nginx/gateway-features.lua's POST (JSON body, bearer token) to
 # both; nginx still proxies plainly: it is the reference.
 FEATURES_ISSUER="https://bench.shoal.invalid"
@@ -98,6 +101,7 @@ proxy_cpus="${PROXY_CPUS:-1}"
 load_cpus="${LOAD_CPUS:-0}"
 features="${FEATURES:-0}"
 access_log="${ACCESS_LOG:-0}"
+floor="${FLOOR:-0}"
 
 if [ "$features" = 1 ] && [ -z "$FEATURES_GATEWAY_TOML" ]; then
   echo "bench/gateway.sh: FEATURES=1 needs the gateway's route config: set FEATURES_GATEWAY_TOML at the top of this script" >&2
@@ -117,7 +121,7 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 nginx_bin="$(command -v nginx 2>/dev/null || echo /usr/sbin/nginx)"
 
-cargo build --release --locked -q -p shoal-cli -p shoal-bench --bin shoal --bin gateway-upstream
+cargo build --release --locked -q -p shoal-cli -p shoal-bench --bin shoal --bin gateway-upstream --bin gateway-bare-proxy
 
 threads="$(taskset -c "$proxy_cpus" nproc)"
 dir="$(mktemp -d)"
@@ -136,11 +140,12 @@ die() {
   for f in "$dir"/*.log; do [ -s "$f" ] && { echo "--- $f" >&2; tail -20 "$f" >&2; }; done
   exit 1
 }
-# Wait until `curl` of $1 answers 200.
+# Wait until `curl` of $1 answers 200 (while process $2 lives).
 wait_ok() {
   local _
   for _ in $(seq 200); do
     [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = 200 ] && return 0
+    kill -0 "$2" 2>/dev/null || die "the process behind $1 exited"
     sleep 0.05
   done
   die "no 200 from $1"
@@ -167,7 +172,7 @@ command = ["target/release/gateway-upstream"]
 TOML
 taskset -c "$load_cpus" target/release/shoal control-plane --system "$dir/shoal.toml" >"$dir/cp.log" 2>&1 &
 pids+=($!)
-wait_ok "$registry/health/ready"
+wait_ok "$registry/health/ready" "$!"
 
 taskset -c "$load_cpus" target/release/gateway-upstream "$registry" hello >"$dir/upstream.out" 2>"$dir/upstream.log" &
 pids+=($!)
@@ -218,7 +223,7 @@ TOKIO_WORKER_THREADS="$threads" taskset -c "$proxy_cpus" \
   target/release/shoal gateway --system "$dir/shoal.toml" --registry "$registry" >"$dir/gateway.log" 2>&1 &
 gw_pid=$!
 pids+=("$gw_pid")
-wait_ok "http://127.0.0.1:$gw_port/health/ready"
+wait_ok "http://127.0.0.1:$gw_port/health/ready" "$gw_pid"
 
 # ---- nginx, on the proxy CPU ----
 mkdir -p "$dir/nginx-body" "$dir/nginx-proxy" "$dir/nginx-fastcgi" "$dir/nginx-uwsgi" "$dir/nginx-scgi"
@@ -239,7 +244,19 @@ for _ in $(seq 100); do
   sleep 0.05
 done
 
-for side in gateway:$gw_port nginx:$nginx_port; do
+# ---- FLOOR=1: the bare hyper proxy, on the proxy CPU ----
+sides=(gateway:$gw_port nginx:$nginx_port)
+if [ "$floor" = 1 ]; then
+  floor_port="$(port)"
+  TOKIO_WORKER_THREADS="$threads" taskset -c "$proxy_cpus" \
+    target/release/gateway-bare-proxy "127.0.0.1:$floor_port" "$upstream_addr" >"$dir/floor.out" 2>"$dir/floor.log" &
+  floor_pid=$!
+  pids+=("$floor_pid")
+  for _ in $(seq 100); do grep -q listening "$dir/floor.out" && break; sleep 0.05; done
+  sides+=(floor:$floor_port)
+fi
+
+for side in "${sides[@]}"; do
   body="$("${check[@]}" "http://127.0.0.1:${side#*:}/hello" || true)"
   [ "$body" = "hello, world" ] || die "${side%%:*} answered /hello with: $body"
 done
@@ -277,7 +294,7 @@ if [ "$idle_busy" -gt 20 ]; then
 fi
 
 errors=0
-declare -A rps p99
+declare -A rps p99 cpu
 run() { # run <side> <port> <pid> <round>
   local side="$1" port="$2" pid="$3" out c0 c1 l0 l1 t0 t1
   taskset -c "$load_cpus" wrk -t1 -c"$conns" -d"${warmup}s" "${wrk_script[@]}" "http://127.0.0.1:$port/hello" >/dev/null
@@ -294,16 +311,19 @@ run() { # run <side> <port> <pid> <round>
   sock="${sock:-0}"
   non2xx="${non2xx:-0}"
   [ -n "$r" ] && [ -n "$n" ] || die "could not read wrk's output: $out"
+  local us
+  us="$(awk -v t="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$n" 'BEGIN { printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0) }')"
   rps[$side]+="$r "
   p99[$side]+="$p "
+  cpu[$side]+="$us "
   if [ "$sock" != 0 ] || [ "$non2xx" != 0 ]; then errors=1; fi
-  printf '  round %d %-8s %10.1f req/s  p99 %7.3f ms  p50 %s  errors: socket %s, non-2xx %s  CPU %s busy %s%%, CPU %s busy %s%%  proxy CPU %.1f us/request\n' \
+  printf '  round %d %-8s %10.1f req/s  p99 %7.3f ms  p50 %s  errors: socket %s, non-2xx %s  CPU %s busy %s%%, CPU %s busy %s%%  proxy CPU %s us/request\n' \
     "$4" "$side" "$r" "$p" "$(awk '$1 == "50%" { print $2 }' <<<"$out")" "$sock" "$non2xx" \
-    "$proxy_cpus" "$(busy_pct "$c0" "$c1")" "$load_cpus" "$(busy_pct "$l0" "$l1")" \
-    "$(awk -v t="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$n" 'BEGIN { print (n > 0 ? t / hz * 1e6 / n : 0) }')"
+    "$proxy_cpus" "$(busy_pct "$c0" "$c1")" "$load_cpus" "$(busy_pct "$l0" "$l1")" "$us"
 }
 for round in $(seq "$rounds"); do
   run nginx "$nginx_port" "$nginx_pid" "$round"
+  if [ "$floor" = 1 ]; then run floor "$floor_port" "$floor_pid" "$round"; fi
   run gateway "$gw_port" "$gw_pid" "$round"
 done
 
@@ -317,6 +337,16 @@ if [ "$errors" != 0 ]; then
 fi
 line() { awk -v m="$1" -v a="$2" -v b="$3" -v u="$4" -v f="$5" 'BEGIN {
   printf "%s: ours " f " %s, reference " f " %s, ratio %.3f\n", m, a, u, b, u, (b > 0 ? a / b : 0) }'; }
+# Not targets: what each request cost the proxy's CPU, and (FLOOR=1) how far the
+# gateway's own stack gets without the gateway's work.
+# shellcheck disable=SC2086
+line "proxy CPU time per request" "$(median ${cpu[gateway]})" "$(median ${cpu[nginx]})" us "%.1f"
+if [ "$floor" = 1 ]; then
+  # shellcheck disable=SC2086
+  line "bare hyper proxy (the floor) throughput" "$(median ${rps[floor]})" "$ref_rps" req/s "%.1f"
+  # shellcheck disable=SC2086
+  line "bare hyper proxy (the floor) CPU time per request" "$(median ${cpu[floor]})" "$(median ${cpu[nginx]})" us "%.1f"
+fi
 if [ "$features" = 1 ]; then
   line "gateway with jwt+ratelimit+schema p99 latency" "$ours_p99" "$ref_p99" ms "%.3f"
   awk -v a="$ours_rps" -v b="$ref_rps" 'BEGIN {

@@ -31,6 +31,9 @@ struct Inner {
     cfg: VerifierConfig,
     source: Arc<dyn JwksSource>,
     cache: Mutex<Cache>,
+    /// Tokens whose signature held, by their whole text: a client sends the same
+    /// token on every request, and checking a signature costs tens of microseconds.
+    verified: Mutex<std::collections::HashMap<String, Verified>>,
     /// Held for the length of a fetch: whoever holds it is the single flight.
     fetch_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -48,6 +51,18 @@ struct Cache {
     /// When the last fetch failed, if the last fetch did.
     last_failure: Option<Instant>,
 }
+
+/// A token that verified, and against which keys.
+struct Verified {
+    claims: Claims,
+    keys: Arc<KeySet>,
+    at: Instant,
+}
+
+/// Most verified tokens remembered; past it the memory starts over.
+const MAX_VERIFIED: usize = 10_000;
+/// Longest a verified token is remembered (its `exp` is checked on every use too).
+const VERIFIED_FOR: Duration = Duration::from_secs(30);
 
 /// Why a fetch is wanted; each reason has its own limit.
 #[derive(Clone, Copy)]
@@ -71,6 +86,7 @@ impl Verifier {
                 cfg,
                 source,
                 cache: Mutex::new(Cache::default()),
+                verified: Mutex::new(std::collections::HashMap::new()),
                 fetch_lock: Arc::new(tokio::sync::Mutex::new(())),
             }),
         }
@@ -81,10 +97,54 @@ impl Verifier {
     /// In order: size and shape, header `alg` (ES256 or EdDSA), `kid` (none is
     /// [`TokenError::UnknownKey`]), the key's own algorithm against the header's, the
     /// signature, then the claims. Claims are read only once the signature holds.
+    ///
+    /// A token that verified is remembered (by its whole text, at most 30 s): it is
+    /// answered again without the signature check while the keys it verified
+    /// against are still the current ones (a JWKS refresh, and so a revocation,
+    /// forgets it) and its `exp` has not passed.
     pub async fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::Malformed);
+        }
         let parts = token::split(token)?;
         let kid = parts.kid.as_deref().ok_or(TokenError::UnknownKey)?;
         let keys = self.keys_for(kid).await?;
+        let now = Instant::now();
+        let remembered = {
+            let seen = lock(&self.inner.verified);
+            seen.get(token).and_then(|v| {
+                let fresh = Arc::ptr_eq(&v.keys, &keys)
+                    && now.saturating_duration_since(v.at) < VERIFIED_FOR
+                    && unix_now_s() <= v.claims.exp.saturating_add(self.inner.cfg.leeway_s);
+                fresh.then(|| v.claims.clone())
+            })
+        };
+        if let Some(c) = remembered {
+            return Ok(c);
+        }
+        let claims = self.check(&parts, kid, &keys)?;
+        let mut seen = lock(&self.inner.verified);
+        if seen.len() >= MAX_VERIFIED {
+            seen.clear();
+        }
+        seen.insert(
+            token.to_string(),
+            Verified {
+                claims: claims.clone(),
+                keys,
+                at: now,
+            },
+        );
+        Ok(claims)
+    }
+
+    /// The signature and claims of `parts` against `keys`.
+    fn check(
+        &self,
+        parts: &token::Parts<'_>,
+        kid: &str,
+        keys: &Arc<KeySet>,
+    ) -> Result<Claims, TokenError> {
         let key = keys.get(kid).ok_or(TokenError::UnknownKey)?;
         // The algorithm is the key's, not the token's: a token cannot ask for its
         // signature to be read another way (HS256 with the public key as secret, say).
@@ -269,4 +329,8 @@ fn bearer_token(value: &[u8]) -> Result<&str, TokenError> {
         return Err(TokenError::Malformed);
     }
     Ok(token)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -29,7 +29,15 @@ fn random_nonzero<const N: usize>() -> [u8; N] {
 }
 
 fn hex<const N: usize>(bytes: &[u8; N]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    // Every request formats its trace ids a few times: one allocation each, not
+    // one per byte.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(N * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {

@@ -270,8 +270,14 @@ async fn route_request(
 
     // A weighted route picks the version first, among those with a healthy instance.
     let discovery = inner.caller.balancer().discovery();
-    let healthy = discovery.healthy(service);
-    match route.pick_version(|v| healthy.iter().any(|i| i.version == v)) {
+    let catalog = discovery.catalog();
+    let has_version = |v: &str| {
+        catalog
+            .instances(service)
+            .iter()
+            .any(|i| i.healthy && i.version == v)
+    };
+    match route.pick_version(has_version) {
         Ok(Some(v)) => {
             out.extensions_mut()
                 .insert(UpstreamVersion(Arc::from(v.as_str())));
@@ -306,7 +312,10 @@ async fn route_request(
             }
             Response::from_parts(rparts, Body::new(rbody))
         }
-        Err(e) => upstream_error(service, &e, healthy.is_empty()).into_response(),
+        Err(e) => {
+            let none_healthy = discovery.healthy(service).is_empty();
+            upstream_error(service, &e, none_healthy).into_response()
+        }
     }
 }
 

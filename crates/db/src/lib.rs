@@ -463,6 +463,34 @@ impl Db {
         Ok(())
     }
 
+    /// Run a platform part's own table script (`CREATE TABLE IF NOT EXISTS …`),
+    /// the one for this backend, in one go on one connection. The PostgreSQL
+    /// scripts open a transaction (and take an advisory lock in it, so two
+    /// processes starting at once do not race); a failure rolls it back before the
+    /// connection returns to the pool. `what` names the tables in the error.
+    pub async fn ensure_tables(
+        &self,
+        sqlite: &'static str,
+        postgres: &'static str,
+        what: &str,
+    ) -> Result<(), Error> {
+        let sql = match self.backend() {
+            Backend::Sqlite => sqlite,
+            Backend::Postgres => postgres,
+        };
+        let mut conn = self.pool().acquire().await.map_err(db_err(format!(
+            "acquiring a connection to {} to create {what}",
+            self.label()
+        )))?;
+        if let Err(e) = sqlx::raw_sql(sql).execute(&mut *conn).await {
+            if self.backend() == Backend::Postgres {
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            }
+            return Err(db_err(format!("creating {what} in {}", self.label()))(e));
+        }
+        Ok(())
+    }
+
     /// Readiness: the database answers.
     pub async fn ping(&self) -> Result<(), Error> {
         let mut conn = self

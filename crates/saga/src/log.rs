@@ -7,7 +7,7 @@
 //! a thousand.
 
 use shoal_core::{Error, ErrorKind, Origin};
-use shoal_db::{db_err, Backend, Db};
+use shoal_db::{db_err, Db};
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
@@ -152,22 +152,8 @@ pub(crate) struct SagaLog {
 impl SagaLog {
     /// Make the tables if missing and start the writer.
     pub(crate) async fn open(db: &Db) -> Result<Self, Error> {
-        let sql = match db.backend() {
-            Backend::Sqlite => SQLITE_TABLES,
-            Backend::Postgres => POSTGRES_TABLES,
-        };
-        let mut conn = db
-            .pool()
-            .acquire()
-            .await
-            .map_err(db_err("saga log: acquiring a connection"))?;
-        if let Err(e) = sqlx::raw_sql(sql).execute(&mut *conn).await {
-            if db.backend() == Backend::Postgres {
-                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-            }
-            return Err(db_err("saga log: creating its tables")(e));
-        }
-        drop(conn);
+        db.ensure_tables(SQLITE_TABLES, POSTGRES_TABLES, "the saga log's tables")
+            .await?;
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(writer(db.clone(), rx));
         Ok(Self { db: db.clone(), tx })

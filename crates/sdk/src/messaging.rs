@@ -18,7 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use shoal_bus::{OutgoingMessage, SharedBus, SubscribeOptions};
 use shoal_core::{Error, ErrorKind, Origin};
-use shoal_db::{db_err, Backend, Db};
+use shoal_db::{db_err, Db};
 use sqlx::{AnyConnection, Row};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -104,22 +104,12 @@ COMMIT;
 
 /// Make the outbox and inbox tables if missing.
 pub(crate) async fn prepare(db: &Db) -> Result<(), Error> {
-    let sql = match db.backend() {
-        Backend::Sqlite => SQLITE_TABLES,
-        Backend::Postgres => POSTGRES_TABLES,
-    };
-    let mut conn = db
-        .pool()
-        .acquire()
-        .await
-        .map_err(db_err("acquiring a connection"))?;
-    if let Err(e) = sqlx::raw_sql(sql).execute(&mut *conn).await {
-        if db.backend() == Backend::Postgres {
-            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-        }
-        return Err(db_err("creating the outbox and inbox tables")(e));
-    }
-    Ok(())
+    db.ensure_tables(
+        SQLITE_TABLES,
+        POSTGRES_TABLES,
+        "the outbox and inbox tables",
+    )
+    .await
 }
 
 /// The service's outbox: [`Ctx::outbox`].

@@ -2,7 +2,7 @@
 //! dialect of its backend (integers are BIGINT on PostgreSQL so both decode as i64).
 
 use shoal_core::Error;
-use shoal_db::{db_err, Backend, Db};
+use shoal_db::Db;
 
 const COORDINATOR_SQLITE: &str = "
 CREATE TABLE IF NOT EXISTS _shoal_2pc_coordinator_tx (
@@ -93,26 +93,14 @@ pub(crate) enum Side {
 
 /// Create the tables of `side` if missing.
 pub(crate) async fn ensure(db: &Db, side: Side) -> Result<(), Error> {
-    let (sql, what) = match (side, db.backend()) {
-        (Side::Coordinator, Backend::Sqlite) => (COORDINATOR_SQLITE, "coordinator"),
-        (Side::Coordinator, Backend::Postgres) => (COORDINATOR_POSTGRES, "coordinator"),
-        (Side::Participant, Backend::Sqlite) => (PARTICIPANT_SQLITE, "participant"),
-        (Side::Participant, Backend::Postgres) => (PARTICIPANT_POSTGRES, "participant"),
+    let (sqlite, postgres, what) = match side {
+        Side::Coordinator => (COORDINATOR_SQLITE, COORDINATOR_POSTGRES, "coordinator"),
+        Side::Participant => (PARTICIPANT_SQLITE, PARTICIPANT_POSTGRES, "participant"),
     };
-    let mut conn = db
-        .pool()
-        .acquire()
-        .await
-        .map_err(db_err(format!("acquiring a connection to {}", db.label())))?;
-    if let Err(e) = sqlx::raw_sql(sql).execute(&mut *conn).await {
-        if db.backend() == Backend::Postgres {
-            // The advisory lock and the half-done DDL go with the transaction.
-            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-        }
-        return Err(db_err(format!(
-            "creating the two-phase commit {what} tables in {}",
-            db.label()
-        ))(e));
-    }
-    Ok(())
+    db.ensure_tables(
+        sqlite,
+        postgres,
+        &format!("the two-phase commit {what} tables"),
+    )
+    .await
 }

@@ -50,17 +50,21 @@ pub(crate) async fn dispatch(
     req: Request,
 ) -> Response {
     let start = Instant::now();
-    let method = req.method().clone();
-    let raw_path = req.uri().path().to_string();
+    // What the access line needs, taken only when there is one.
+    let access = gw
+        .inner
+        .cfg
+        .access_log
+        .then(|| (req.method().clone(), req.uri().path().to_string()));
     let mut route_name: Option<Arc<str>> = None;
     let client = guard::client_ip(peer.ip(), req.headers(), &gw.inner.trusted);
     let mut res = handle(&gw, peer, client, req, &mut route_name).await;
     if let Some(name) = &route_name {
         res.extensions_mut().insert(RouteLabel(name.clone()));
     }
-    if !gw.inner.cfg.access_log {
+    let Some((method, raw_path)) = access else {
         return res;
-    }
+    };
     tracing::info!(
         target: "shoal::access",
         %client,
@@ -125,7 +129,7 @@ async fn handle(
         }
         Lookup::NotFound => return ApiError::not_found("no route for this path").into_response(),
     };
-    *route_name = Some(Arc::from(route.name.as_str()));
+    *route_name = Some(route.label.clone());
     if !route.cfg.ip.permits(client) {
         return guard::forbidden();
     }

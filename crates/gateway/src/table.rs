@@ -29,6 +29,8 @@ enum Seg {
 pub(crate) struct Route {
     pub(crate) cfg: RouteConfig,
     pub(crate) name: String,
+    /// The name for metrics, shared rather than copied per request.
+    pub(crate) label: Arc<str>,
     segs: Vec<Seg>,
     is_prefix: bool,
     methods: Vec<Method>,
@@ -168,6 +170,7 @@ impl Table {
                 .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
                 .collect();
             out.push(Arc::new(Route {
+                label: Arc::from(name.as_str()),
                 name,
                 is_prefix: r.prefix.is_some(),
                 segs,

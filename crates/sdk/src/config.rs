@@ -49,6 +49,9 @@ pub struct ServiceConfig {
     pub database: DatabaseConfig,
     /// The message bus (`[bus]`).
     pub bus: BusConfig,
+    /// The service's own settings (`[settings]`, `SHOAL_SETTINGS__*`), read into the
+    /// type the service names with [`crate::Service::settings`].
+    pub settings: toml::Table,
 }
 
 impl Default for ServiceConfig {
@@ -73,6 +76,7 @@ impl Default for ServiceConfig {
             resilience: ResilienceConfig::default(),
             database: DatabaseConfig::default(),
             bus: BusConfig::default(),
+            settings: toml::Table::new(),
         }
     }
 }

@@ -23,9 +23,27 @@ pub(crate) struct CtxInner {
     pub(crate) config: ServiceConfig,
     pub(crate) bus: Option<shoal_bus::SharedBus>,
     pub(crate) outbox: Option<crate::messaging::Outbox>,
+    pub(crate) settings: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Ctx {
+    /// The service's own settings, read at start from `[settings]` into the type
+    /// given to [`crate::Service::settings`].
+    ///
+    /// # Panics
+    /// If `T` is not that type, or the service named none: a programming error,
+    /// found by the first test that reaches the call.
+    pub fn settings<T: Send + Sync + 'static>(&self) -> Arc<T> {
+        match self.0.settings.clone().map(|s| s.downcast::<T>()) {
+            Some(Ok(settings)) => settings,
+            _ => panic!(
+                "service {} has no settings of type {}: call Service::settings",
+                self.0.name,
+                std::any::type_name::<T>()
+            ),
+        }
+    }
+
     /// The service's database.
     ///
     /// # Panics

@@ -39,7 +39,11 @@ pub struct Service {
     topics: Vec<TopicSpec>,
     consumers: Vec<messaging::Consumer>,
     outbox: bool,
+    settings: Option<ReadSettings>,
 }
+
+/// Reads `[settings]` into the service's own type.
+type ReadSettings = fn(&toml::Table) -> Result<Arc<dyn std::any::Any + Send + Sync>, Error>;
 
 impl Service {
     /// A service called `name` (a DNS label: `catalog`, `order-history`).
@@ -58,7 +62,23 @@ impl Service {
             topics: Vec::new(),
             consumers: Vec::new(),
             outbox: false,
+            settings: None,
         }
+    }
+
+    /// The service's own settings: the `[settings]` table of its config (and
+    /// `SHOAL_SETTINGS__*` overrides), read into `T` at start, so a wrong key or type
+    /// stops the start naming it (give `T` `#[serde(deny_unknown_fields, default)]`).
+    /// Handlers read them with [`Ctx::settings`]. A service that names no type
+    /// refuses a non-empty `[settings]`.
+    pub fn settings<T: serde::de::DeserializeOwned + Send + Sync + 'static>(mut self) -> Self {
+        self.settings = Some(|table| {
+            let value: T = toml::Value::Table(table.clone())
+                .try_into()
+                .map_err(|e| Error::config(format!("settings: {e}")))?;
+            Ok(Arc::new(value))
+        });
+        self
     }
 
     /// The version this code is (config `version` overrides it).
@@ -223,6 +243,16 @@ impl Service {
         });
         let cfg: ServiceConfig = shoal_core::config::load(file.as_deref(), env)?;
         cfg.validate()?;
+        let settings = match self.settings {
+            Some(read) => Some(read(&cfg.settings)?),
+            None if cfg.settings.is_empty() => None,
+            None => {
+                return Err(Error::config(format!(
+                    "settings: service {} takes no settings",
+                    self.name
+                )))
+            }
+        };
         let version = cfg.version.clone().unwrap_or(self.version);
         let instance_id = cfg.instance_id.clone().unwrap_or_else(|| {
             format!(
@@ -343,6 +373,7 @@ impl Service {
             config: cfg.clone(),
             bus: bus.clone(),
             outbox: self.outbox.then(Outbox::new),
+            settings,
         }));
         let (projections_stop, projections_stopped) = tokio::sync::watch::channel(false);
         let projections: Vec<JoinHandle<()>> = match &events {

@@ -519,6 +519,63 @@ async fn config_mistakes_stop_a_service_at_start_naming_the_key() {
     }
 }
 
+/// A service's own settings, as a shop service declares them.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ProbeSettings {
+    deadline_ms: u64,
+    greeting: String,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        Self {
+            deadline_ms: 30_000,
+            greeting: "hello".into(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_service_reads_its_own_settings_and_refuses_wrong_ones() {
+    let read = |env: Vec<(&'static str, &'static str)>| async move {
+        let mut env = env;
+        env.push(("SHOAL_REGISTER", "false"));
+        Service::new("cfg")
+            .settings::<ProbeSettings>()
+            .env(env)
+            .start()
+            .await
+    };
+    let running = read(vec![]).await.unwrap();
+    let s = running.ctx().settings::<ProbeSettings>();
+    assert_eq!((s.deadline_ms, s.greeting.as_str()), (30_000, "hello"));
+    running.shutdown().await.unwrap();
+
+    let running = read(vec![("SHOAL_SETTINGS__DEADLINE_MS", "5000")])
+        .await
+        .unwrap();
+    assert_eq!(running.ctx().settings::<ProbeSettings>().deadline_ms, 5000);
+    running.shutdown().await.unwrap();
+
+    for (key, value, needle) in [
+        ("SHOAL_SETTINGS__DEADLNE_MS", "5", "deadlne_ms"),
+        ("SHOAL_SETTINGS__DEADLINE_MS", "soon", "settings"),
+    ] {
+        let err = read(vec![(key, value)]).await.err().unwrap().to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+    // A service without settings refuses them rather than ignoring a typo.
+    let err = Service::new("cfg")
+        .env([("SHOAL_REGISTER", "false"), ("SHOAL_SETTINGS__X", "1")])
+        .start()
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("takes no settings"), "{err}");
+}
+
 #[tokio::test]
 async fn a_restarted_control_plane_still_knows_heartbeating_instances() {
     let data = temp_dir("cp-restart");

@@ -118,3 +118,5 @@ pub async fn start_alone(
         .start()
         .await
 }
+
+pub mod contract;

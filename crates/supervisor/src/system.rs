@@ -52,6 +52,22 @@ pub struct ServiceSpec {
     /// A config file for it (passed as `SHOAL_CONFIG`).
     #[serde(default)]
     pub config: Option<PathBuf>,
+    /// The service name its processes register under, when it differs from the
+    /// entry's name: a second version of one service (`[services.catalog-v2]` with
+    /// `service = "catalog"`). Replicas of both share the service's data folder.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// The version its processes register (passed as `SHOAL_VERSION`), for a
+    /// canary or blue-green pair run from one binary.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+impl ServiceSpec {
+    /// The name the processes of entry `key` register under.
+    pub fn registers_as<'a>(&'a self, key: &'a str) -> &'a str {
+        self.service.as_deref().unwrap_or(key)
+    }
 }
 
 fn one() -> u32 {
@@ -134,6 +150,15 @@ impl SystemFile {
                     "services.{name}.replicas: must be 1 to {MAX_REPLICAS}"
                 )));
             }
+            if let Some(svc) = &s.service {
+                shoal_core::names::validate_service_name(svc)
+                    .map_err(|e| Error::config(format!("services.{name}.service: {e}")))?;
+            }
+            if s.version.as_deref().is_some_and(|v| v.is_empty() || v.len() > 64) {
+                return Err(Error::config(format!(
+                    "services.{name}.version: must be 1 to 64 characters"
+                )));
+            }
             for k in s.env.keys() {
                 if k.is_empty() || k.contains('=') || k.contains('\0') {
                     return Err(Error::config(format!(
@@ -144,7 +169,7 @@ impl SystemFile {
         }
         for r in &self.gateway.load_routes()? {
             for s in r.services() {
-                if !self.services.contains_key(s) {
+                if !self.services.iter().any(|(k, spec)| spec.registers_as(k) == s) {
                     return Err(Error::config(format!(
                         "gateway route {} names service {s:?}, which is not in [services]",
                         r.name()
@@ -212,5 +237,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("services.Bad"), "{e}");
+        let e = parse("[services.v2]\ncommand = [\"x\"]\nservice = \"Catalog\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("services.v2.service"), "{e}");
+    }
+
+    #[test]
+    fn two_versions_of_one_service_are_two_entries() {
+        let s = parse(
+            "[[gateway.routes]]\nprefix = \"/api/products\"\nservice = \"catalog\"\n\
+             [services.catalog-v2]\ncommand = [\"x\"]\nservice = \"catalog\"\nversion = \"2.0.0\"\n",
+        )
+        .unwrap();
+        let v2 = &s.services["catalog-v2"];
+        assert_eq!(v2.registers_as("catalog-v2"), "catalog");
+        assert_eq!(v2.version.as_deref(), Some("2.0.0"));
     }
 }

@@ -150,9 +150,16 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
                 ("SHOAL_INSTANCE_ID".to_string(), format!("{svc}-{replica}")),
                 (
                     "SHOAL_DATA_DIR".to_string(),
-                    state_dir.join("data").join(svc).display().to_string(),
+                    state_dir
+                        .join("data")
+                        .join(spec.registers_as(svc))
+                        .display()
+                        .to_string(),
                 ),
             ];
+            if let Some(version) = &spec.version {
+                env.push(("SHOAL_VERSION".into(), version.clone()));
+            }
             if let Some(cfg) = &spec.config {
                 env.push(("SHOAL_CONFIG".into(), root.join(cfg).display().to_string()));
             }
@@ -300,8 +307,14 @@ async fn wait_ready(
         let Ok(catalog) = registry.catalog(None, Duration::ZERO).await else {
             return false;
         };
-        let all_up = sys.services.iter().all(|(name, spec)| {
-            catalog.instances(name).iter().filter(|i| i.healthy).count() >= spec.replicas as usize
+        // Each entry's own replicas, by their stable instance ids: two entries
+        // that register as one service (two versions) are counted apart.
+        let all_up = sys.services.iter().all(|(key, spec)| {
+            let instances = catalog.instances(spec.registers_as(key));
+            (1..=spec.replicas).all(|n| {
+                let id = format!("{key}-{n}");
+                instances.iter().any(|i| i.healthy && i.id == id)
+            })
         });
         all_up && get_ok(client, &format!("{gw_url}/health/ready")).await
     })

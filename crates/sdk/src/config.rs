@@ -49,6 +49,10 @@ pub struct ServiceConfig {
     pub database: DatabaseConfig,
     /// The message bus (`[bus]`).
     pub bus: BusConfig,
+    /// Fixed addresses of other services (`[peers] inventory = ["127.0.0.1:7101"]`):
+    /// with `register = false`, `ctx.client(..)` calls these instead of asking the
+    /// registry (a service's own tests, or a deployment without discovery).
+    pub peers: std::collections::BTreeMap<String, Vec<SocketAddr>>,
     /// The service's own settings (`[settings]`, `SHOAL_SETTINGS__*`), read into the
     /// type the service names with [`crate::Service::settings`].
     pub settings: toml::Table,
@@ -76,6 +80,7 @@ impl Default for ServiceConfig {
             resilience: ResilienceConfig::default(),
             database: DatabaseConfig::default(),
             bus: BusConfig::default(),
+            peers: Default::default(),
             settings: toml::Table::new(),
         }
     }
@@ -185,6 +190,42 @@ impl ServiceConfig {
         if self.bus.backend == BusBackend::Jetstream && self.bus.url.is_none() {
             return bad("bus.url", "required for the jetstream backend");
         }
+        if !self.peers.is_empty() && self.register {
+            return bad("peers", "fixed peers replace the registry: set register = false");
+        }
+        for (name, addrs) in &self.peers {
+            shoal_core::names::validate_service_name(name)
+                .map_err(|e| shoal_core::Error::config(format!("peers.{name}: {e}")))?;
+            if addrs.is_empty() || addrs.len() > 64 {
+                return bad(&format!("peers.{name}"), "must list 1 to 64 addresses");
+            }
+        }
         self.resilience.validate("resilience")
+    }
+
+    /// The fixed catalog `peers` describes, every instance healthy.
+    pub(crate) fn peer_catalog(&self) -> shoal_core::registry::Catalog {
+        let services = self
+            .peers
+            .iter()
+            .map(|(name, addrs)| shoal_core::registry::ServiceEntry {
+                name: name.clone(),
+                instances: addrs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, addr)| shoal_core::registry::Instance {
+                        id: format!("{name}-peer-{}", i + 1),
+                        service: name.clone(),
+                        version: String::new(),
+                        addr: *addr,
+                        pid: None,
+                        metadata: Default::default(),
+                        healthy: true,
+                        registered_at_ms: 0,
+                    })
+                    .collect(),
+            })
+            .collect();
+        shoal_core::registry::Catalog { index: 1, services }
     }
 }

@@ -24,6 +24,10 @@ pub(crate) struct CtxInner {
     pub(crate) bus: Option<shoal_bus::SharedBus>,
     pub(crate) outbox: Option<crate::messaging::Outbox>,
     pub(crate) settings: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    /// Turns true when the service starts shutting down.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    /// Tasks started with [`Ctx::spawn`], awaited at shutdown.
+    pub(crate) tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Ctx {
@@ -42,6 +46,34 @@ impl Ctx {
                 std::any::type_name::<T>()
             ),
         }
+    }
+
+    /// Resolves when the service starts shutting down (after it stopped serving):
+    /// background work started with [`Ctx::spawn`] ends when it does.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.stopping.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Run `task` in the background for as long as the service runs. It must end
+    /// once [`Ctx::stopping`] resolves: the service's shutdown waits for it (and a
+    /// dropped service aborts it).
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = tokio::spawn(task);
+        self.0
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+    }
+
+    pub(crate) fn take_tasks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        std::mem::take(&mut *self.0.tasks.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The service's database.

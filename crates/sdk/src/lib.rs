@@ -31,12 +31,14 @@ mod bus_connect;
 mod config;
 mod ctx;
 mod health;
+mod identity;
 pub mod messaging;
 mod service;
 pub mod testing;
 
 pub use config::{BusBackend, BusConfig, DatabaseConfig, ServiceConfig};
 pub use ctx::Ctx;
+pub use identity::Identity;
 pub use service::{RunningService, Service};
 pub use shoal_core::{ApiError, Error, ErrorKind, Origin};
 pub use shoal_db::{Backend, Db, DbOptions, Migration};
@@ -60,3 +62,9 @@ pub use shoal_resilience as resilience;
 
 /// The database driver the SDK uses, re-exported so a service needs no version of its own.
 pub use sqlx;
+
+/// Time as services show it: Unix milliseconds and RFC 3339 text (UTC).
+pub mod time {
+    pub use shoal_core::unix_ms;
+    pub use shoal_telemetry::logging::{rfc3339, rfc3339_now};
+}

@@ -40,7 +40,14 @@ pub struct Service {
     consumers: Vec<messaging::Consumer>,
     outbox: bool,
     settings: Option<ReadSettings>,
+    setup: Option<SetupFn>,
 }
+
+/// Builds the routes that need the service's context (see [`Service::setup`]).
+type SetupFn = Box<
+    dyn FnOnce(Ctx) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Router, Error>> + Send>>
+        + Send,
+>;
 
 /// Reads `[settings]` into the service's own type.
 type ReadSettings = fn(&toml::Table) -> Result<Arc<dyn std::any::Any + Send + Sync>, Error>;
@@ -63,7 +70,21 @@ impl Service {
             consumers: Vec::new(),
             outbox: false,
             settings: None,
+            setup: None,
         }
+    }
+
+    /// Finish the service once its context exists, before it serves or registers:
+    /// `f(ctx)` opens what needs the database or the bus (a saga orchestrator,
+    /// caches), starts its background work with [`Ctx::spawn`], and returns the
+    /// routes that use it, merged with [`Service::routes`]. An error stops the start.
+    pub fn setup<F, Fut>(mut self, f: F) -> Self
+    where
+        F: FnOnce(Ctx) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<Router, Error>> + Send + 'static,
+    {
+        self.setup = Some(Box::new(move |ctx| Box::pin(f(ctx))));
+        self
     }
 
     /// The service's own settings: the `[settings]` table of its config (and
@@ -347,7 +368,7 @@ impl Service {
         let discovery = if cfg.register {
             Discovery::start(registry.clone())
         } else {
-            Discovery::fixed(Default::default())
+            Discovery::fixed(cfg.peer_catalog())
         };
         let resilience = Resilience::new(
             cfg.resilience.clone(),
@@ -362,6 +383,7 @@ impl Service {
             resilience.clone(),
             Some(metrics.clone()),
         );
+        let (projections_stop, projections_stopped) = tokio::sync::watch::channel(false);
         let ctx = Ctx(Arc::new(CtxInner {
             name: self.name.clone(),
             version: version.clone(),
@@ -374,8 +396,9 @@ impl Service {
             bus: bus.clone(),
             outbox: self.outbox.then(Outbox::new),
             settings,
+            stopping: projections_stopped.clone(),
+            tasks: std::sync::Mutex::new(Vec::new()),
         }));
-        let (projections_stop, projections_stopped) = tokio::sync::watch::channel(false);
         let projections: Vec<JoinHandle<()>> = match &events {
             Some(store) => self
                 .projections
@@ -437,8 +460,11 @@ impl Service {
             request_timeout: Some(Duration::from_millis(cfg.request_timeout_ms)),
             honour_deadline: true,
         });
-        let app = self
-            .router
+        let mut router = self.router;
+        if let Some(setup) = self.setup {
+            router = router.merge(setup(ctx.clone()).await?);
+        }
+        let app = router
             .merge(health::router(health))
             .merge(shoal_telemetry::http::ops_routes(ctx.metrics().clone()))
             .merge(shoal_resilience::ops_routes(resilience))
@@ -572,6 +598,9 @@ impl RunningService {
         for p in self.projections.drain(..) {
             let _ = p.await;
         }
+        for t in self.ctx.take_tasks() {
+            let _ = t.await;
+        }
     }
 }
 
@@ -579,6 +608,9 @@ impl Drop for RunningService {
     fn drop(&mut self) {
         for p in &self.projections {
             p.abort();
+        }
+        for t in self.ctx.take_tasks() {
+            t.abort();
         }
         if let Some(server) = self.server.take() {
             server.abort();

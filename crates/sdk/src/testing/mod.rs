@@ -119,4 +119,71 @@ pub async fn start_alone(
         .await
 }
 
+/// An embedded broker of a test's own, served on 127.0.0.1: point a service at it
+/// with `SHOAL_BUS__URL` (see [`TestBroker::env`]) to test its messaging without a
+/// control plane. Stopped and its files removed when dropped.
+pub struct TestBroker {
+    addr: SocketAddr,
+    broker: shoal_broker::Broker,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: DataDir,
+}
+
+impl TestBroker {
+    /// Open a fresh broker on a free port.
+    pub async fn start() -> Result<Self, crate::Error> {
+        let dir = DataDir::new("broker");
+        let metrics = shoal_telemetry::Metrics::new("test-broker");
+        let broker =
+            shoal_broker::Broker::open(&*dir, shoal_broker::BrokerConfig::default(), &metrics)
+                .await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = broker.clone();
+        tokio::spawn(async move {
+            let _ = shoal_broker::serve(listener, served, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Ok(Self {
+            addr,
+            broker,
+            stop: Some(stop),
+            _dir: dir,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The variable that points a service at it.
+    pub fn env(&self) -> (String, String) {
+        ("SHOAL_BUS__URL".into(), self.addr.to_string())
+    }
+
+    /// A client of it, to publish or read in a test.
+    pub async fn bus(&self) -> Result<shoal_bus::SharedBus, crate::Error> {
+        Ok(std::sync::Arc::new(
+            shoal_broker::EmbeddedBus::connect(self.addr).await?,
+        ))
+    }
+
+    /// The broker itself.
+    pub fn broker(&self) -> &shoal_broker::Broker {
+        &self.broker
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 pub mod contract;

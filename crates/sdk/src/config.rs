@@ -191,7 +191,10 @@ impl ServiceConfig {
             return bad("bus.url", "required for the jetstream backend");
         }
         if !self.peers.is_empty() && self.register {
-            return bad("peers", "fixed peers replace the registry: set register = false");
+            return bad(
+                "peers",
+                "fixed peers replace the registry: set register = false",
+            );
         }
         for (name, addrs) in &self.peers {
             shoal_core::names::validate_service_name(name)

@@ -45,7 +45,10 @@ pub struct Service {
 
 /// Builds the routes that need the service's context (see [`Service::setup`]).
 type SetupFn = Box<
-    dyn FnOnce(Ctx) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Router, Error>> + Send>>
+    dyn FnOnce(
+            Ctx,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Router, Error>> + Send>>
         + Send,
 >;
 

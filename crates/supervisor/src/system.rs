@@ -154,7 +154,10 @@ impl SystemFile {
                 shoal_core::names::validate_service_name(svc)
                     .map_err(|e| Error::config(format!("services.{name}.service: {e}")))?;
             }
-            if s.version.as_deref().is_some_and(|v| v.is_empty() || v.len() > 64) {
+            if s.version
+                .as_deref()
+                .is_some_and(|v| v.is_empty() || v.len() > 64)
+            {
                 return Err(Error::config(format!(
                     "services.{name}.version: must be 1 to 64 characters"
                 )));
@@ -169,7 +172,11 @@ impl SystemFile {
         }
         for r in &self.gateway.load_routes()? {
             for s in r.services() {
-                if !self.services.iter().any(|(k, spec)| spec.registers_as(k) == s) {
+                if !self
+                    .services
+                    .iter()
+                    .any(|(k, spec)| spec.registers_as(k) == s)
+                {
                     return Err(Error::config(format!(
                         "gateway route {} names service {s:?}, which is not in [services]",
                         r.name()

@@ -1,15 +1,48 @@
-//! The reference shop's inventory service: how much of each product is in stock.
+//! The reference shop's inventory service: how much of each product is in stock,
+//! and the stock held for orders in flight.
 //!
 //! For each product it keeps what is `available` (can still be reserved) and what
 //! is `reserved` (held for orders in flight); both are never negative, enforced by
-//! the database. For now it answers reads only:
+//! the database (`CHECK`). Routes:
 //!
 //! - `GET /api/inventory/{product_id}` answers `{"product_id","available","reserved"}`,
 //!   or 404 for a product it holds no stock record of.
+//! - `POST /internal/reservations` `{"reservation_id","items":[{"product_id","quantity"}]}`
+//!   holds stock for one order (the `place-order` saga's `reserve` step): for every
+//!   item available −q and reserved +q, all or nothing, in one transaction. 200
+//!   `{"reservation_id","status":"reserved"}`; 409 `out_of_stock` or 404
+//!   `unknown_product` (naming the product) with nothing held; 400
+//!   `validation_failed` for a bad body (1 to 50 items, quantities 1 to 100000, ids
+//!   of 1 to 128 letters, digits, `-_.:`). A product listed twice is summed.
+//! - `POST /internal/reservations/{id}/commit`: the held units leave (reserved −q).
+//!   200 `{"reservation_id","status":"committed"}`; 404 `not_found` for an unknown
+//!   reservation; 409 `conflict` if it was released or refused.
+//! - `POST /internal/reservations/{id}/release`: the held units come back (reserved
+//!   −q, available +q). 200 `{"reservation_id","status":"released"}`, also for a
+//!   reservation never made or refused; 409 `conflict` if it was committed.
 //!
-//! Stock lives in the service's own SQLite database; the first migration creates the
-//! table and the development seed stock for the catalog's seed products (`p-1` …
-//! `p-6`, with `p-6` out of stock).
+//! Every call is idempotent on the reservation id, because the saga repeats them
+//! with the same key after a timeout or a crash. A reservation's row is never
+//! deleted, and a repeat answers from it:
+//!
+//! - a repeated reserve answers 200 with the current status (`reserved`, or
+//!   `committed` when the order went on), and a refused one the same refusal (it is
+//!   stored, so a repeat never retries the reserve and never holds stock the first
+//!   answer said it could not); a repeat with other items is 409 `conflict`;
+//! - a release that comes before its reserve (the reserve's answer was lost, the
+//!   saga compensated) leaves a `released` tombstone, and the late reserve is 409
+//!   `conflict` instead of holding stock for an order already given up; a reserve
+//!   repeated after a release is 409 `conflict` too.
+//!
+//! Concurrent reservations never oversell: each product is taken with
+//! `UPDATE … SET available = available - q WHERE product_id = … AND available >= q`
+//! (its rows-affected says whether it could), under SQLite's write lock (`BEGIN
+//! IMMEDIATE`) or PostgreSQL's row locks, rows taken in product-id order.
+//!
+//! Stock lives in the service's own database (SQLite by default, PostgreSQL by
+//! config); the first migration creates the table and the development seed stock
+//! for the catalog's seed products (`p-1` … `p-6`, with `p-6` out of stock), the
+//! second the reservations.
 
 use axum::extract::Path;
 use axum::routing::get;
@@ -17,12 +50,17 @@ use axum::{Json, Router};
 use serde::Serialize;
 use shoal::{ApiError, Ctx, Migration, Service};
 
+mod reservations;
+
 /// The schema and seed data, applied once per database at start.
-static MIGRATIONS: &[Migration] = &[Migration::new(
-    1,
-    "init",
-    include_str!("../migrations/001_init.sql"),
-)];
+static MIGRATIONS: &[Migration] = &[
+    Migration::new(1, "init", include_str!("../migrations/001_init.sql")),
+    Migration::new(
+        2,
+        "reservations",
+        include_str!("../migrations/002_reservations.sql"),
+    ),
+];
 
 /// The inventory service, ready to run (`service().main().await`) or to start in a test.
 pub fn service() -> Service {
@@ -35,7 +73,10 @@ pub fn service() -> Service {
 fn router() -> Router {
     // The contract puts this route behind a token. The gateway checks tokens once
     // the auth issue lands; until then the service itself answers any caller.
-    Router::new().route("/api/inventory/{product_id}", get(get_stock))
+    // `/internal/` routes are for the orders saga only: no gateway route leads there.
+    Router::new()
+        .route("/api/inventory/{product_id}", get(get_stock))
+        .merge(reservations::router())
 }
 
 /// One product's stock as the API shows it.
@@ -46,11 +87,6 @@ struct Stock {
     reserved: i64,
 }
 
-fn db_error(e: sqlx::Error) -> ApiError {
-    tracing::error!(error = %e, "inventory query failed");
-    ApiError::internal("database error")
-}
-
 async fn get_stock(ctx: Ctx, Path(product_id): Path<String>) -> Result<Json<Stock>, ApiError> {
     let row = sqlx::query_as::<_, (String, i64, i64)>(
         "SELECT product_id, available, reserved FROM stock WHERE product_id = $1",
@@ -58,7 +94,7 @@ async fn get_stock(ctx: Ctx, Path(product_id): Path<String>) -> Result<Json<Stoc
     .bind(&product_id)
     .fetch_optional(ctx.db().pool())
     .await
-    .map_err(db_error)?;
+    .map_err(reservations::db_error)?;
     match row {
         Some((product_id, available, reserved)) => Ok(Json(Stock {
             product_id,

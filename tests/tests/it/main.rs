@@ -1,13 +1,15 @@
 //! shoal's integration tests, in one binary: platform flows against real servers on
 //! 127.0.0.1:0 (`platform`), and the whole system under `shoal up` as real processes
-//! (`system`).
+//! (`system`), and the reference shop's contract end to end, under faults (`shop`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod broker;
 mod gateway;
 mod messaging;
+mod openapi;
 mod platform;
 mod resilience;
 mod saga;
+mod shop;
 mod system;
 mod twophase;

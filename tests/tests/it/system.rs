@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     // Signal 0 checks existence; a zombie is not alive for our purposes.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     !stat.is_empty() && !stat.contains(") Z ")
 }
 
-fn signal(pid: u32, sig: i32) {
+pub(crate) fn signal(pid: u32, sig: i32) {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
@@ -24,21 +24,21 @@ fn signal(pid: u32, sig: i32) {
     assert!(status.success());
 }
 
-struct Up {
-    child: Child,
-    state: PathBuf,
+pub(crate) struct Up {
+    pub(crate) child: Child,
+    pub(crate) state: PathBuf,
 }
 
 impl Up {
-    fn state(&self) -> Option<UpState> {
+    pub(crate) fn state(&self) -> Option<UpState> {
         UpState::read(&self.state)
     }
 
-    fn process(&self, name: &str) -> Option<ProcessState> {
+    pub(crate) fn process(&self, name: &str) -> Option<ProcessState> {
         self.state()?.processes.into_iter().find(|p| p.name == name)
     }
 
-    fn pid(&self, name: &str) -> u32 {
+    pub(crate) fn pid(&self, name: &str) -> u32 {
         self.process(name)
             .and_then(|p| p.pid)
             .expect("process running")

@@ -1,0 +1,853 @@
+//! The reference shop as a client sees it: the real `shoal.toml` (its routes, its
+//! services) under `shoal up`, every service its own process, driven only through
+//! the gateway, with processes killed and frozen on the way. After each test the
+//! contract's invariants are checked once the system is quiet.
+
+use super::system::{signal, Up};
+use http::Method;
+use serde_json::{json, Value};
+use shoal::testing::{request, Answer};
+use shoal_tests::{bin_dir, build_binaries, eventually, temp_dir};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The repository's root (the tests crate sits one below it).
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The shop's own system file, changed only where a test must: free ports, fast
+/// health checks, the debug binaries, absolute paths, limits out of the way, and
+/// `extra_env` for some services.
+fn system_file(dir: &Path, extra_env: &[(&str, &str, &str)]) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("shoal.toml")).unwrap();
+    let mut sys: toml::Table = toml::from_str(&text).unwrap();
+    sys.remove("build");
+    let table = |v: &mut toml::Table, k: &str| -> toml::Table {
+        v.get(k)
+            .and_then(|t| t.as_table())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut cp = table(&mut sys, "control_plane");
+    cp.insert("listen".into(), "127.0.0.1:0".into());
+    cp.insert(
+        "registry".into(),
+        toml::Value::Table(toml::from_str("[health]\ninterval_ms = 200").unwrap()),
+    );
+    cp.insert(
+        "broker".into(),
+        toml::Value::Table(toml::from_str("listen = \"127.0.0.1:0\"").unwrap()),
+    );
+    sys.insert("control_plane".into(), toml::Value::Table(cp));
+
+    let abs = |p: &toml::Value| {
+        toml::Value::String(repo().join(p.as_str().unwrap()).display().to_string())
+    };
+    let mut gw = table(&mut sys, "gateway");
+    gw.insert("listen".into(), "127.0.0.1:0".into());
+    let openapi = abs(&gw["openapi_file"]);
+    gw.insert("openapi_file".into(), openapi);
+    // These tests poll through the gateway; limits are tested in gateway.rs.
+    gw.insert(
+        "rate_limit".into(),
+        toml::Value::Table(
+            toml::from_str(
+                "anonymous = { per_second = 100000, burst = 100000 }\n\
+                 authenticated = { per_second = 100000, burst = 100000 }",
+            )
+            .unwrap(),
+        ),
+    );
+    if let Some(routes) = gw.get_mut("routes").and_then(|r| r.as_array_mut()) {
+        for r in routes {
+            let r = r.as_table_mut().unwrap();
+            if let Some(f) = r.get("schema_file").cloned() {
+                r.insert("schema_file".into(), abs(&f));
+            }
+            r.remove("rate_limit");
+        }
+    }
+    sys.insert("gateway".into(), toml::Value::Table(gw));
+    sys.insert(
+        "supervisor".into(),
+        toml::Value::Table(
+            toml::from_str(
+                "restart_backoff_initial_ms = 100\nstop_timeout_ms = 10000\nready_timeout_ms = 90000",
+            )
+            .unwrap(),
+        ),
+    );
+    let bins = bin_dir();
+    let services = sys
+        .get_mut("services")
+        .and_then(|s| s.as_table_mut())
+        .unwrap();
+    for (key, spec) in services.iter_mut() {
+        let spec = spec.as_table_mut().unwrap();
+        let program = spec["command"].as_array().unwrap()[0]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let file = Path::new(&program).file_name().unwrap().to_owned();
+        spec.insert(
+            "command".into(),
+            toml::Value::Array(vec![bins.join(file).display().to_string().into()]),
+        );
+        let mut env = toml::Table::new();
+        env.insert("SHOAL_DEREGISTER_GRACE_MS".into(), "100".into());
+        for (svc, k, v) in extra_env {
+            if svc == key {
+                env.insert(k.to_string(), v.to_string().into());
+            }
+        }
+        spec.insert("env".into(), toml::Value::Table(env));
+    }
+    let path = dir.join("shoal.toml");
+    std::fs::write(&path, toml::to_string(&sys).unwrap()).unwrap();
+    path
+}
+
+struct Shop {
+    up: Up,
+    gw: SocketAddr,
+    cp: SocketAddr,
+    system: PathBuf,
+    dir: PathBuf,
+}
+
+async fn up(tag: &str, extra_env: &[(&str, &str, &str)]) -> Shop {
+    build_binaries();
+    let dir = temp_dir(tag);
+    let system = system_file(&dir, extra_env);
+    let child = Command::new(bin_dir().join("shoal"))
+        .args(["up", "--no-build", "--system"])
+        .arg(&system)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start shoal up");
+    let up = Up {
+        child,
+        state: dir.join(".shoal/up.json"),
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async { up.state().is_some() }).await,
+        "no up.json"
+    );
+    let addr = |url: String| -> SocketAddr { url.trim_start_matches("http://").parse().unwrap() };
+    let state = up.state().unwrap();
+    let (gw, cp) = (addr(state.gateway), addr(state.control_plane));
+    let ready = eventually(Duration::from_secs(90), || async {
+        request(gw, Method::GET, "/health/ready", &[], "")
+            .await
+            .is_ok_and(|a| a.status == 200)
+    })
+    .await;
+    assert!(ready, "the shop was not ready in 90 s: {:?}", up.state());
+    Shop {
+        up,
+        gw,
+        cp,
+        system,
+        dir,
+    }
+}
+
+impl Shop {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        extra: &[(&str, &str)],
+        body: &str,
+    ) -> Answer {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+        if let Some(b) = &bearer {
+            headers.push(("authorization", b));
+        }
+        headers.extend_from_slice(extra);
+        request(self.gw, method, path, &headers, body.to_string())
+            .await
+            .unwrap()
+    }
+
+    async fn token(&self, user: &str, password: &str) -> String {
+        let body =
+            json!({"grant_type": "password", "username": user, "password": password}).to_string();
+        let a = self
+            .call(Method::POST, "/auth/token", None, &[], &body)
+            .await;
+        assert_eq!(a.status, 200, "{user}: {}", a.text());
+        let v = a.json();
+        assert_eq!(v["token_type"], "Bearer");
+        assert!(v["expires_in"].as_u64().unwrap() > 0);
+        v["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// The address of one instance of `service`, from the registry.
+    async fn instance(&self, service: &str) -> SocketAddr {
+        let a = request(self.cp, Method::GET, "/v1/services", &[], "")
+            .await
+            .unwrap();
+        let v = a.json();
+        let s = v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == service)
+            .unwrap_or_else(|| panic!("{service} not registered: {v}"));
+        s["instances"][0]["addr"].as_str().unwrap().parse().unwrap()
+    }
+
+    async fn place(
+        &self,
+        token: &str,
+        items: &[(&str, u32)],
+        card: &str,
+        key: Option<&str>,
+    ) -> Answer {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|(p, q)| json!({"product_id": p, "quantity": q}))
+            .collect();
+        let body = json!({"items": items, "card_number": card}).to_string();
+        let extra: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
+        self.call(Method::POST, "/api/orders", Some(token), &extra, &body)
+            .await
+    }
+
+    /// Wait until the order has ended; its final state.
+    async fn ended(&self, token: &str, id: &str, limit: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut last = Value::Null;
+        while tokio::time::Instant::now() < deadline {
+            let a = self
+                .call(
+                    Method::GET,
+                    &format!("/api/orders/{id}"),
+                    Some(token),
+                    &[],
+                    "",
+                )
+                .await;
+            if a.status == 200 {
+                last = a.json();
+                if last["status"] == "APPROVED" || last["status"] == "REJECTED" {
+                    return last;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("order {id} did not end in {limit:?}: {last}");
+    }
+
+    async fn stock(&self, token: &str, product: &str) -> (i64, i64) {
+        let a = self
+            .call(
+                Method::GET,
+                &format!("/api/inventory/{product}"),
+                Some(token),
+                &[],
+                "",
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let v = a.json();
+        (
+            v["available"].as_i64().unwrap(),
+            v["reserved"].as_i64().unwrap(),
+        )
+    }
+
+    async fn stop(self) {
+        let mut up = self.up;
+        signal(up.child.id(), 15);
+        for _ in 0..300 {
+            if up.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("shoal up did not stop within 30 s");
+    }
+}
+
+/// What a test order is, its lines and card, and how it must end.
+type Case<'a> = (
+    &'a str,
+    &'a [(&'a str, u32)],
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+);
+
+const CARD: &str = "4242424242424242";
+const DECLINED: &str = "4000000000000002";
+const PRODUCTS: [&str; 6] = ["p-1", "p-2", "p-3", "p-4", "p-5", "p-6"];
+
+/// The contract's invariants, once the system is quiet: per product the initial
+/// stock is what is available plus what APPROVED orders took, nothing stays
+/// reserved; exactly the APPROVED orders have one capture for their total; each has
+/// exactly one shipment.
+async fn check_invariants(
+    shop: &Shop,
+    admin: &str,
+    initial: &BTreeMap<String, i64>,
+    orders: &[(String, Value)],
+) {
+    let approved: Vec<&Value> = orders
+        .iter()
+        .map(|(_, o)| o)
+        .filter(|o| o["status"] == "APPROVED")
+        .collect();
+    for p in PRODUCTS {
+        let taken: i64 = approved
+            .iter()
+            .flat_map(|o| o["items"].as_array().unwrap().iter())
+            .filter(|i| i["product_id"] == p)
+            .map(|i| i["quantity"].as_i64().unwrap())
+            .sum();
+        let (available, reserved) = shop.stock(admin, p).await;
+        assert_eq!(reserved, 0, "{p}: stock still reserved");
+        assert_eq!(
+            initial[p],
+            available + taken,
+            "{p}: initial {} ≠ available {available} + approved {taken}",
+            initial[p]
+        );
+    }
+    let provider = shop.instance("payment-provider").await;
+    let captures = request(provider, Method::GET, "/v1/captures", &[], "")
+        .await
+        .unwrap()
+        .json();
+    let mut captured: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for c in captures.as_array().unwrap() {
+        captured
+            .entry(c["reference"].as_str().unwrap().to_string())
+            .or_default()
+            .push(c["amount_cents"].as_i64().unwrap());
+    }
+    let shipping = shop.instance("shipping").await;
+    for (id, o) in orders {
+        let charges = captured.remove(id.as_str()).unwrap_or_default();
+        let shipment = request(
+            shipping,
+            Method::GET,
+            &format!("/internal/shipments/by-order/{id}"),
+            &[],
+            "",
+        )
+        .await
+        .unwrap();
+        if o["status"] == "APPROVED" {
+            assert_eq!(
+                charges,
+                vec![o["total_cents"].as_i64().unwrap()],
+                "{id}: one capture of its total"
+            );
+            assert_eq!(
+                shipment.status,
+                200,
+                "{id}: a shipment: {}",
+                shipment.text()
+            );
+        } else {
+            assert!(
+                charges.is_empty(),
+                "{id} is {} but was charged {charges:?}",
+                o["status"]
+            );
+            assert_eq!(shipment.status, 404, "{id}: no shipment");
+        }
+    }
+    assert!(
+        captured.is_empty(),
+        "captures of no known order: {captured:?}"
+    );
+}
+
+async fn initial_stock(shop: &Shop, token: &str) -> BTreeMap<String, i64> {
+    let mut initial = BTreeMap::new();
+    for p in PRODUCTS {
+        let (available, reserved) = shop.stock(token, p).await;
+        assert_eq!(reserved, 0);
+        initial.insert(p.to_string(), available);
+    }
+    initial
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_keeps_its_contract_end_to_end() {
+    let shop = up("shop", &[]).await;
+
+    // `shoal status --json`: every service, catalog in two versions.
+    let out = Command::new(bin_dir().join("shoal"))
+        .args(["status", "--json", "--system"])
+        .arg(&shop.system)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let versions: Vec<(&str, &str)> = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["version"].as_str().unwrap()))
+        .collect();
+    for name in [
+        "identity",
+        "customers",
+        "inventory",
+        "payments",
+        "payment-provider",
+        "orders",
+        "shipping",
+        "notifications",
+        "legacy",
+        "reviews",
+    ] {
+        assert!(
+            versions.iter().any(|(n, _)| *n == name),
+            "{name} missing: {versions:?}"
+        );
+    }
+    assert!(
+        versions.contains(&("catalog", "1.0.0")) && versions.contains(&("catalog", "2.0.0")),
+        "{versions:?}"
+    );
+
+    // Tokens.
+    let alice = shop.token("alice", "alice-pass").await;
+    let bob = shop.token("bob", "bob-pass").await;
+    let admin = shop.token("admin", "admin-pass").await;
+    let wrong =
+        json!({"grant_type": "password", "username": "alice", "password": "nope"}).to_string();
+    let a = shop
+        .call(Method::POST, "/auth/token", None, &[], &wrong)
+        .await;
+    assert_eq!(a.status, 401, "{}", a.text());
+    assert!(a.json()["error"]["code"].is_string());
+    let jwks = shop
+        .call(Method::GET, "/.well-known/jwks.json", None, &[], "")
+        .await;
+    assert_eq!(jwks.status, 200);
+    assert!(!jwks.json()["keys"].as_array().unwrap().is_empty());
+    assert_eq!(
+        shop.call(Method::GET, "/api/orders", None, &[], "")
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        shop.call(Method::GET, "/api/orders", Some("not.a.token"), &[], "")
+            .await
+            .status,
+        401
+    );
+
+    // Catalog, public.
+    let products = shop.call(Method::GET, "/api/products", None, &[], "").await;
+    assert_eq!(products.status, 200);
+    let prices: BTreeMap<String, i64> = products
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap().to_string(),
+                p["price_cents"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(prices.len() >= 5);
+    assert_eq!(
+        shop.call(Method::GET, "/api/products/p-99", None, &[], "")
+            .await
+            .status,
+        404
+    );
+    let initial = initial_stock(&shop, &alice).await;
+
+    // Orders: one of each ending.
+    let mut placed = Vec::new();
+    let cases: [Case; 4] = [
+        (
+            "approved",
+            &[("p-1", 2), ("p-2", 1)],
+            CARD,
+            "APPROVED",
+            None,
+        ),
+        (
+            "out of stock",
+            &[("p-1", 1), ("p-6", 1)],
+            CARD,
+            "REJECTED",
+            Some("out_of_stock"),
+        ),
+        (
+            "declined",
+            &[("p-3", 1)],
+            DECLINED,
+            "REJECTED",
+            Some("payment_declined"),
+        ),
+        (
+            "unknown",
+            &[("p-404", 1)],
+            CARD,
+            "REJECTED",
+            Some("unknown_product"),
+        ),
+    ];
+    for (what, items, card, _, _) in &cases {
+        let a = shop.place(&alice, items, card, None).await;
+        assert_eq!(a.status, 202, "{what}: {}", a.text());
+        let id = a.json()["id"].as_str().unwrap().to_string();
+        assert_eq!(a.headers["location"], format!("/api/orders/{id}").as_str());
+        placed.push(id);
+    }
+    let mut ended = Vec::new();
+    for ((what, items, _, status, reason), id) in cases.iter().zip(&placed) {
+        let o = shop.ended(&alice, id, Duration::from_secs(60)).await;
+        assert_eq!(o["status"], *status, "{what}: {o}");
+        assert_eq!(o["reason"].as_str(), *reason, "{what}: {o}");
+        if *status == "APPROVED" {
+            let total: i64 = items.iter().map(|(p, q)| prices[*p] * i64::from(*q)).sum();
+            assert_eq!(o["total_cents"], total, "{o}");
+        }
+        ended.push((id.clone(), o));
+    }
+    let approved = &placed[0];
+
+    // Idempotency-Key: one order per key and body; another body is refused.
+    let first = shop.place(&bob, &[("p-4", 1)], CARD, Some("bob-1")).await;
+    assert_eq!(first.status, 202, "{}", first.text());
+    let again = shop.place(&bob, &[("p-4", 1)], CARD, Some("bob-1")).await;
+    assert_eq!(again.json()["id"], first.json()["id"]);
+    assert_eq!(
+        shop.place(&bob, &[("p-4", 2)], CARD, Some("bob-1"))
+            .await
+            .status,
+        422
+    );
+    let bobs = first.json()["id"].as_str().unwrap().to_string();
+    ended.push((
+        bobs.clone(),
+        shop.ended(&bob, &bobs, Duration::from_secs(60)).await,
+    ));
+
+    // The gateway checks the body before orders sees it.
+    let bad = shop.place(&alice, &[("p-1", 0)], CARD, None).await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert_eq!(bad.json()["error"]["code"], "validation_failed");
+    assert!(
+        bad.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("quantity"),
+        "{}",
+        bad.text()
+    );
+    assert_eq!(
+        shop.call(Method::POST, "/api/orders", Some(&alice), &[], "{nope")
+            .await
+            .status,
+        400
+    );
+    let big = format!(
+        "{{\"items\":[],\"card_number\":\"{}\"}}",
+        "1".repeat(70_000)
+    );
+    assert_eq!(
+        shop.call(Method::POST, "/api/orders", Some(&alice), &[], &big)
+            .await
+            .status,
+        413
+    );
+
+    // Object-level rules: bob cannot see alice's order, an admin can.
+    let path = format!("/api/orders/{approved}");
+    assert_eq!(
+        shop.call(Method::GET, &path, Some(&bob), &[], "")
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        shop.call(Method::GET, &path, Some(&admin), &[], "")
+            .await
+            .status,
+        200
+    );
+    for sub in ["history", "details"] {
+        let p = format!("{path}/{sub}");
+        assert_eq!(
+            shop.call(Method::GET, &p, Some(&bob), &[], "").await.status,
+            404,
+            "{p}"
+        );
+    }
+
+    // History: versions 1, 2, 3… without gaps.
+    let h = shop
+        .call(
+            Method::GET,
+            &format!("{path}/history"),
+            Some(&alice),
+            &[],
+            "",
+        )
+        .await
+        .json();
+    let versions: Vec<u64> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, (1..=versions.len() as u64).collect::<Vec<_>>());
+    assert_eq!(h[0]["type"], "OrderPlaced");
+
+    // The list is a read model: it catches up.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let l = shop
+                .call(Method::GET, "/api/orders", Some(&alice), &[], "")
+                .await
+                .json();
+            l.as_array().is_some_and(|l| {
+                l.len() == placed.len() && l.iter().all(|o| o["status"] != "PENDING")
+            })
+        })
+        .await,
+        "alice's list did not catch up"
+    );
+
+    // Details: composed from orders, customers, payments and shipping.
+    let mut details = Value::Null;
+    for _ in 0..100 {
+        details = shop
+            .call(
+                Method::GET,
+                &format!("{path}/details"),
+                Some(&alice),
+                &[],
+                "",
+            )
+            .await
+            .json();
+        if !details["shipment"].is_null() && !details["payment"].is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let complete = !details["shipment"].is_null() && !details["payment"].is_null();
+    assert!(complete, "{details}");
+    assert_eq!(details["order"]["id"], approved.as_str());
+    assert_eq!(details["customer"]["id"], "alice");
+    assert_eq!(details["payment"]["status"], "captured");
+    assert_eq!(details["degraded"], json!([]));
+
+    // Reviews come from the legacy system through the anti-corruption layer.
+    let r = shop
+        .call(Method::GET, "/api/reviews?product_id=p-1", None, &[], "")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reviews = r.json();
+    assert!(!reviews.as_array().unwrap().is_empty());
+    for review in reviews.as_array().unwrap() {
+        assert_eq!(review["product_id"], "p-1");
+        assert!(
+            (1..=5).contains(&review["rating"].as_i64().unwrap()),
+            "{review}"
+        );
+        assert!(review["text"].is_string() && review["author"].is_string());
+    }
+
+    // The operator's view and the canary: routes show what is legacy; weights move
+    // traffic at once.
+    let routes = shop
+        .call(Method::GET, "/admin/routes", Some(&admin), &[], "")
+        .await;
+    assert_eq!(routes.status, 200, "{}", routes.text());
+    let routes = routes.json();
+    let reviews_route = routes["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "reviews")
+        .unwrap();
+    assert_eq!(reviews_route["upstream"], "legacy");
+    assert_eq!(
+        shop.call(Method::GET, "/admin/routes", Some(&alice), &[], "")
+            .await
+            .status,
+        403
+    );
+    let w = shop
+        .call(
+            Method::PUT,
+            "/admin/routes/products/weights",
+            Some(&admin),
+            &[],
+            r#"{"1.0.0":0,"2.0.0":100}"#,
+        )
+        .await;
+    assert_eq!(w.status, 200, "{}", w.text());
+    for _ in 0..20 {
+        let a = shop
+            .call(
+                Method::GET,
+                "/api/products/p-1",
+                None,
+                &[("cache-control", "no-cache")],
+                "",
+            )
+            .await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.headers["x-shoal-served-by"], "catalog@2.0.0");
+    }
+    let breakers = shop
+        .call(Method::GET, "/admin/breakers", Some(&admin), &[], "")
+        .await;
+    assert_eq!(breakers.status, 200, "{}", breakers.text());
+
+    check_invariants(&shop, &admin, &initial, &ended).await;
+    shop.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_end_and_the_invariants_hold_when_services_are_killed_mid_flight() {
+    // A short payment deadline, so the provider being unreachable ends in time.
+    let shop = up(
+        "shop-faults",
+        &[("orders", "SHOAL_SETTINGS__PAYMENT_DEADLINE_MS", "4000")],
+    )
+    .await;
+    let alice = shop.token("alice", "alice-pass").await;
+    let admin = shop.token("admin", "admin-pass").await;
+    let initial = initial_stock(&shop, &admin).await;
+    let mut placed: Vec<String> = Vec::new();
+
+    // A burst of orders, with kill -9 of orders, then payments, then inventory while
+    // they are in flight. The supervisor restarts each; the sagas resume.
+    for (round, victim) in ["orders#1", "payments#1", "inventory#1"].iter().enumerate() {
+        for i in 0..8u32 {
+            let card = if i % 4 == 3 { DECLINED } else { CARD };
+            let product = PRODUCTS[(i as usize + round) % 5];
+            let key = format!("r{round}-{i}");
+            // While orders restarts the gateway may answer 5xx; the client retries
+            // with the same key, which must be harmless.
+            let mut id = None;
+            for _ in 0..60 {
+                let a = shop
+                    .place(&alice, &[(product, 1 + i % 3)], card, Some(&key))
+                    .await;
+                if a.status == 202 {
+                    id = Some(a.json()["id"].as_str().unwrap().to_string());
+                    break;
+                }
+                assert!(a.status.is_server_error(), "{}", a.text());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            placed.push(id.expect("order accepted within 30 s"));
+        }
+        let pid = shop.up.pid(victim);
+        signal(pid, 9);
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                shop.up
+                    .process(victim)
+                    .is_some_and(|p| p.pid.is_some_and(|p| p != pid))
+            })
+            .await,
+            "{victim} not restarted"
+        );
+    }
+    assert!(placed.len() >= 16, "{placed:?}");
+
+    // The payment provider frozen: orders placed now are rejected at the deadline,
+    // with their stock released and no money taken.
+    let provider = shop.up.pid("payment-provider#1");
+    signal(provider, 19);
+    let frozen = shop
+        .place(&alice, &[("p-2", 1)], CARD, Some("frozen"))
+        .await;
+    assert_eq!(frozen.status, 202, "{}", frozen.text());
+    let frozen = frozen.json()["id"].as_str().unwrap().to_string();
+    // Past the deadline the payment step is given up; the provider comes back later
+    // (its stand-in's void of a lost authorization is the payments service's job).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let o = shop.ended(&alice, &frozen, Duration::from_secs(60)).await;
+    assert_eq!(
+        (o["status"].as_str(), o["reason"].as_str()),
+        (Some("REJECTED"), Some("payment_unavailable")),
+        "{o}"
+    );
+    signal(provider, 18);
+    placed.push(frozen);
+
+    // Shipping frozen: details still answer, shipment null and named degraded.
+    let any_order = &placed[0];
+    let shipping = shop.up.pid("shipping#1");
+    signal(shipping, 19);
+    let d = shop
+        .call(
+            Method::GET,
+            &format!("/api/orders/{any_order}/details"),
+            Some(&alice),
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(d.status, 200, "{}", d.text());
+    let d = d.json();
+    assert_eq!(d["shipment"], Value::Null, "{d}");
+    assert_eq!(d["degraded"], json!(["shipment"]), "{d}");
+    signal(shipping, 18);
+
+    // Quiet: every order ends, within the contract's minute.
+    let mut ended = Vec::new();
+    for id in &placed {
+        ended.push((
+            id.clone(),
+            shop.ended(&alice, id, Duration::from_secs(60)).await,
+        ));
+    }
+    assert!(
+        ended.iter().any(|(_, o)| o["status"] == "APPROVED"),
+        "{ended:?}"
+    );
+    // Shipments are scheduled from events: give the choreography a moment.
+    let shipping_addr = shop.instance("shipping").await;
+    for (id, o) in &ended {
+        if o["status"] == "APPROVED" {
+            let path = format!("/internal/shipments/by-order/{id}");
+            assert!(
+                eventually(Duration::from_secs(30), || async {
+                    request(shipping_addr, Method::GET, &path, &[], "")
+                        .await
+                        .is_ok_and(|a| a.status == 200)
+                })
+                .await,
+                "{id}: no shipment"
+            );
+        }
+    }
+    check_invariants(&shop, &admin, &initial, &ended).await;
+    let _ = &shop.dir;
+    shop.stop().await;
+}

@@ -126,7 +126,7 @@ pub(crate) async fn run(m: &ArgMatches) -> Result<(), Error> {
 
 /// A control plane that did not answer gets a hint; an answer it gave (a refused
 /// rule, an unknown id) is shown as it is.
-fn unreachable_hint(url: &str, e: Error) -> Error {
+pub(crate) fn unreachable_hint(url: &str, e: Error) -> Error {
     let no_answer = e.kind() == ErrorKind::Timeout
         || (e.kind() == ErrorKind::Unavailable && std::error::Error::source(&e).is_some());
     if no_answer {

@@ -1,5 +1,5 @@
 //! `shoal`: one binary for the control plane, the gateway, the supervisor (`up`)
-//! and the operator's commands (`status`, `chaos`). Each subcommand parses its flags and
+//! and the operator's commands (`status`, `chaos`, `logs`, `log-level`). Each subcommand parses its flags and
 //! calls into the crate that does the work.
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod chaos;
+mod log_level;
+mod logs;
 mod status;
 
 fn cli() -> Command {
@@ -55,6 +57,8 @@ fn cli() -> Command {
                 ),
         )
         .subcommand(chaos::command(system.clone(), registry.clone()))
+        .subcommand(logs::command(system.clone()))
+        .subcommand(log_level::command(system.clone(), registry.clone()))
         .subcommand(
             Command::new("control-plane")
                 .about("Run the control plane (service registry)")
@@ -98,11 +102,18 @@ async fn gateway(m: &ArgMatches) -> Result<(), Error> {
     if let Some(addr) = m.get_one::<SocketAddr>("listen") {
         cfg.listen = *addr;
     }
-    shoal_telemetry::logging::init("gateway", "gateway", &cfg.log_level)?;
+    let logs = shoal_telemetry::logging::init("gateway", "gateway", &cfg.log_level)?;
     let registry_url = m
         .get_one::<String>("registry")
         .map(String::as_str)
         .unwrap_or("http://127.0.0.1:7070");
+    // `shoal log-level gateway …`, applied without a restart; stops when dropped.
+    let _log_watch = shoal_discovery::LogLevelWatch::start(
+        shoal_discovery::RegistryClient::new(registry_url)?,
+        "gateway",
+        logs,
+        &cfg.log_level,
+    );
     let discovery =
         shoal_discovery::Discovery::start(shoal_discovery::RegistryClient::new(registry_url)?);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -136,6 +147,8 @@ async fn main() -> ExitCode {
         Some(("up", m)) => up(m).await,
         Some(("status", m)) => status::run(m).await,
         Some(("chaos", m)) => chaos::run(m).await,
+        Some(("logs", m)) => logs::run(m).await,
+        Some(("log-level", m)) => log_level::run(m).await,
         Some(("control-plane", m)) => control_plane(m).await,
         Some(("gateway", m)) => gateway(m).await,
         _ => Err(Error::config("unknown command; see shoal --help")),

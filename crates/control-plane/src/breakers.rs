@@ -61,24 +61,43 @@ async fn list(State(f): State<Fanout>) -> Json<BreakerList> {
 impl Fanout {
     /// Ask every instance in the catalog, merge, and sort.
     async fn collect(&self) -> BreakerList {
-        let targets: Vec<(String, SocketAddr)> = self
+        let targets: Vec<shoal_core::registry::Instance> = self
             .registry
             .catalog()
             .services
             .into_iter()
-            .flat_map(|s| s.instances.into_iter().map(|i| (i.id, i.addr)))
+            .flat_map(|s| s.instances)
             .collect();
         let permits = Arc::new(Semaphore::new(MAX_CONCURRENT));
         let mut tasks = JoinSet::new();
         // Kept apart from the tasks so an instance whose task panicked is still named.
         let mut ids = HashMap::new();
-        for (id, addr) in targets {
+        for instance in targets {
+            let id = instance.id.clone();
+            let addr = instance.addr;
             let http = self.http.clone();
+            // A mutual-mode instance is asked over mTLS, as the control plane.
+            let tls = shoal_tls::serves_mutual_tls(&instance.metadata).then(|| {
+                self.registry
+                    .probe_tls()
+                    .map(|c| c.client(&instance.service))
+            });
             let permits = permits.clone();
             let task = tasks.spawn(async move {
                 // The semaphore is never closed; the permit is held for the whole ask.
                 let _permit = permits.acquire_owned().await;
-                match tokio::time::timeout(INSTANCE_TIMEOUT, fetch(&http, addr)).await {
+                let answer = async {
+                    match tls {
+                        None => fetch(&http, &format!("http://{addr}{OPS_PATH}"), addr).await,
+                        Some(Some(Ok(c))) => {
+                            fetch(&c, &format!("https://{addr}{OPS_PATH}"), addr).await
+                        }
+                        Some(_) => Err(Error::unavailable(format!(
+                            "{addr} serves mutual TLS only and the control plane has no identity"
+                        ))),
+                    }
+                };
+                match tokio::time::timeout(INSTANCE_TIMEOUT, answer).await {
                     Ok(answer) => answer,
                     Err(_) => Err(Error::new(
                         ErrorKind::Timeout,
@@ -117,9 +136,16 @@ impl Fanout {
 
 /// One instance's breakers. A 404 means the process has no breaker endpoint (a
 /// service not built with the SDK), so it has no breakers to list.
-async fn fetch(http: &HttpClient, addr: SocketAddr) -> Result<BreakerList, Error> {
+async fn fetch<C>(
+    http: &Client<C, Empty<Bytes>>,
+    uri: &str,
+    addr: SocketAddr,
+) -> Result<BreakerList, Error>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     let upstream = |kind, msg: String| Error::new(kind, Origin::Upstream, msg);
-    let uri: http::Uri = format!("http://{addr}{OPS_PATH}")
+    let uri: http::Uri = uri
         .parse()
         .map_err(|e| Error::internal(format!("breaker url for {addr}")).with_source(e))?;
     let res = http.get(uri).await.map_err(|e| {

@@ -3,14 +3,20 @@
 //! Today it hosts the service registry, the fault table of run-time fault injection
 //! ([`FaultTable`], `/v1/faults`), the circuit breaker overview (`/v1/breakers`,
 //! gathered from every instance on request) and the embedded message broker
-//! (`shoal-broker`, on a TCP port of its own; `GET /v1/broker` says where). The
-//! certificate authority, the trace collector and the dashboard join it here, each
-//! as a router merged into [`router`] and a background task started by [`run`].
+//! (`shoal-broker`, on a TCP port of its own; `GET /v1/broker` says where), and
+//! the certificate authority of service-to-service mTLS (`GET /v1/ca`,
+//! `POST /v1/certificates`, [`CaConfig`]; docs/mtls.md). The trace collector and
+//! the dashboard join it here, each as a router merged into [`router`] and a
+//! background task started by [`run`].
 
 mod breakers;
+mod ca;
 mod faults;
+mod log_levels;
 
+pub use ca::CaConfig;
 pub use faults::{FaultError, FaultTable};
+pub use log_levels::{LogLevelError, LogLevelTable};
 
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -40,6 +46,8 @@ pub struct ControlPlaneConfig {
     pub registry: RegistryConfig,
     /// The embedded message broker (`[control_plane.broker]`).
     pub broker: BrokerConfig,
+    /// The certificate authority of service-to-service mTLS (`[control_plane.ca]`).
+    pub ca: CaConfig,
 }
 
 impl Default for ControlPlaneConfig {
@@ -50,6 +58,7 @@ impl Default for ControlPlaneConfig {
             log_level: "info".into(),
             registry: RegistryConfig::default(),
             broker: BrokerConfig::default(),
+            ca: CaConfig::default(),
         }
     }
 }
@@ -70,6 +79,17 @@ pub fn router_with_broker(
     metrics: Metrics,
     broker: Option<SocketAddr>,
 ) -> Router {
+    router_full(registry, faults, metrics, broker, None)
+}
+
+/// [`router_with_broker`], with the CA's routes when `ca` is given.
+fn router_full(
+    registry: Registry,
+    faults: FaultTable,
+    metrics: Metrics,
+    broker: Option<SocketAddr>,
+    ca: Option<ca::Authority>,
+) -> Router {
     let render = metrics.clone();
     let telemetry = Arc::new(ServerTelemetry {
         metrics,
@@ -81,7 +101,10 @@ pub fn router_with_broker(
     });
     shoal_registry::router(registry.clone())
         .merge(faults::router(faults))
+        // Run-time log levels (`shoal log-level`); in memory, one table per router.
+        .merge(log_levels::router(LogLevelTable::new()))
         .merge(breakers::router(registry))
+        .merge(ca.map(ca::router).unwrap_or_default())
         .route(
             "/v1/broker",
             get(move || async move {
@@ -121,16 +144,32 @@ pub async fn run(
     let metrics = Metrics::new("control-plane");
     let faults = FaultTable::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The CA first: a bad [control_plane.ca] stops the start before anything runs.
+    let (authority, own_identity) = if cfg.ca.enabled {
+        let authority = ca::Authority::open(&cfg.ca, &cfg.data_dir)?;
+        let (store, renewal) = authority.own_identity(stop_rx.clone())?;
+        registry.set_probe_tls(shoal_registry::ProbeClients::new(
+            store,
+            shoal_tls::ClientSettings {
+                connect_timeout: Duration::from_millis(cfg.registry.health.timeout_ms),
+                ..shoal_tls::ClientSettings::default()
+            },
+        ));
+        (Some(authority), Some(renewal))
+    } else {
+        (None, None)
+    };
     let broker = if cfg.broker.enabled {
         Some(start_broker(&cfg, &metrics, stop_rx.clone()).await?)
     } else {
         None
     };
-    let app = router_with_broker(
+    let app = router_full(
         registry.clone(),
         faults.clone(),
         metrics,
         broker.as_ref().map(|b| b.addr),
+        authority,
     );
     let expiry = {
         let mut rx = stop_rx.clone();
@@ -163,6 +202,9 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     let _ = background.await;
     let _ = expiry.await;
+    if let Some(r) = own_identity {
+        let _ = r.await;
+    }
     if let Some(b) = broker {
         // Connections first (the server stops on the same signal), then the logs.
         let _ = b.server.await;

@@ -6,6 +6,7 @@
 //! - [`ApiError`]: the one JSON error body every shoal HTTP answer uses;
 //! - [`registry`]: the wire types of the registry API (a non-Rust service speaks them too);
 //! - [`resilience`]: the wire types of fault injection and circuit breaker listings;
+//! - [`log_levels`]: the wire types of run-time log levels (`/v1/log-levels`);
 //! - [`config`]: typed configuration from TOML plus `SHOAL_*` environment overrides,
 //!   with unknown keys rejected;
 //! - [`trace`]: W3C trace context (`traceparent`);
@@ -21,6 +22,7 @@ pub mod config;
 pub mod deadline;
 mod error;
 pub mod headers;
+pub mod log_levels;
 pub mod longpoll;
 pub mod names;
 pub mod registry;

@@ -12,6 +12,7 @@ use shoal_core::headers::{TRACEPARENT, X_REQUEST_ID};
 use shoal_core::{Error, ErrorKind, Origin};
 use shoal_resilience::{safe_to_repeat, Resilience, Scope, Shared};
 use shoal_telemetry::{Metrics, RequestContext};
+use shoal_tls::{CertStore, ClientSettings, TlsClients};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -75,6 +76,9 @@ pub struct Caller {
 struct CallerInner {
     balancer: Balancer,
     http: Client<HttpConnector, Full<Bytes>>,
+    /// In mutual TLS mode: one client per target service, presenting this
+    /// process's certificate and accepting only that service's identity.
+    tls: Option<TlsClients<Full<Bytes>>>,
     cfg: CallerConfig,
     resilience: Resilience,
     metrics: Option<Metrics>,
@@ -124,6 +128,21 @@ impl Caller {
         resilience: Resilience,
         metrics: Option<Metrics>,
     ) -> Self {
+        Self::with_tls(balancer, cfg, resilience, metrics, None)
+    }
+
+    /// [`Caller::new`], in mutual TLS mode when `tls` is given: every call goes
+    /// over mTLS presenting the store's certificate, and an instance counts only if
+    /// it proves to be `spiffe://<trust domain>/service/<the service called>` (a
+    /// caller in mutual mode never falls back to plain text, whatever the registry
+    /// says).
+    pub fn with_tls(
+        balancer: Balancer,
+        cfg: CallerConfig,
+        resilience: Resilience,
+        metrics: Option<Metrics>,
+        tls: Option<Arc<CertStore>>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
         connector.set_nodelay(true);
@@ -133,10 +152,22 @@ impl Caller {
             .http2_only(cfg.http2)
             .build(connector);
         let balancer = balancer.with_outlier(cfg.outlier.clone());
+        let tls = tls.map(|store| {
+            TlsClients::new(
+                store,
+                ClientSettings {
+                    connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+                    pool_idle_timeout: Duration::from_millis(cfg.pool_idle_timeout_ms),
+                    pool_max_idle_per_host: cfg.pool_max_idle_per_host,
+                    http2: cfg.http2,
+                },
+            )
+        });
         Self {
             inner: Arc::new(CallerInner {
                 balancer,
                 http,
+                tls,
                 cfg,
                 resilience,
                 metrics,
@@ -269,7 +300,8 @@ impl CallerInner {
                 break;
             };
             let ep = guard.endpoint();
-            let uri: Uri = format!("http://{}{}", ep.instance.addr, path_and_query)
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            let uri: Uri = format!("{scheme}://{}{}", ep.instance.addr, path_and_query)
                 .parse()
                 .map_err(|e| {
                     Error::new(
@@ -284,7 +316,20 @@ impl CallerInner {
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = req.version();
             *attempt.headers_mut() = headers.clone();
-            match self.http.request(attempt).await {
+            let sent = match &self.tls {
+                None => self.http.request(attempt).await,
+                Some(tls) => match tls.client(service) {
+                    Ok(client) => client.request(attempt).await,
+                    Err(e) => {
+                        return Err(Error::new(
+                            ErrorKind::InvalidInput,
+                            Origin::Internal,
+                            format!("no TLS identity for {service}: {e}"),
+                        ))
+                    }
+                },
+            };
+            match sent {
                 Ok(res) => {
                     observed.status = res.status().as_u16();
                     self.balancer

@@ -11,7 +11,8 @@
 //!   (`shoal-resilience`) over pooled keep-alive connections, passing on request id,
 //!   trace context and deadline; [`ServiceClient`] is its convenient, buffered face
 //!   (`ctx.client("catalog").get("/api/products")`);
-//! - [`FaultWatch`]: keeps a process's injected faults in step with the control plane.
+//! - [`FaultWatch`]: keeps a process's injected faults in step with the control plane;
+//! - [`LogLevelWatch`]: keeps a process's log filter in step with `shoal log-level`.
 
 mod balance;
 mod body;
@@ -20,6 +21,7 @@ mod client;
 mod discovery;
 mod faults;
 mod lease;
+mod log_levels;
 mod registry_client;
 mod watch;
 
@@ -29,4 +31,5 @@ pub use client::{ClientResponse, RequestBuilder, ServiceClient};
 pub use discovery::Discovery;
 pub use faults::FaultWatch;
 pub use lease::Lease;
+pub use log_levels::LogLevelWatch;
 pub use registry_client::RegistryClient;

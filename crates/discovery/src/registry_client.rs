@@ -16,7 +16,7 @@ const MAX_ANSWER_BYTES: usize = 32 * 1024 * 1024;
 const BREAKERS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `value` made safe for a URL's path segment or query value (percent-encoded).
-fn encode(value: &str) -> String {
+pub(crate) fn encode(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for b in value.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -72,7 +72,12 @@ impl RegistryClient {
         &self.base
     }
 
-    async fn call(
+    /// The timeout of one ordinary call (a long poll adds its wait).
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -112,7 +117,7 @@ impl RegistryClient {
         })?
     }
 
-    fn decode<T: DeserializeOwned>(
+    pub(crate) fn decode<T: DeserializeOwned>(
         status: StatusCode,
         body: &[u8],
         what: &str,

@@ -64,6 +64,11 @@ pub struct GatewayConfig {
     /// An OpenAPI 3 document of the public API, served at `GET /openapi.json`
     /// (relative to the system file); read and checked at start.
     pub openapi_file: Option<PathBuf>,
+    /// Mutual TLS of the calls to services (`[gateway.tls]`, docs/mtls.md): with
+    /// `mode = "mutual"` every upstream call goes over mTLS as
+    /// `spiffe://<trust domain>/gateway`. The client side only: clients still reach
+    /// the gateway over plain HTTP.
+    pub tls: shoal_tls::TlsConfig,
     /// The folder relative paths are read from (the system file's); set by the
     /// loader, not by the file.
     #[serde(skip)]
@@ -92,6 +97,7 @@ impl Default for GatewayConfig {
             cache: CacheLimits::default(),
             server: ServerConfig::default(),
             openapi_file: None,
+            tls: shoal_tls::TlsConfig::default(),
             base_dir: None,
         }
     }
@@ -359,6 +365,7 @@ impl GatewayConfig {
     /// first request.
     pub fn validate(&self) -> Result<(), Error> {
         self.resilience.validate("gateway.resilience")?;
+        self.tls.validate("gateway.tls")?;
         if self.body_limit_bytes == 0 || self.request_timeout_ms == 0 {
             return Err(Error::config(
                 "gateway: body_limit_bytes and request_timeout_ms must be positive",

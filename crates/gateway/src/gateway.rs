@@ -90,6 +90,17 @@ impl JwksSource for ServiceJwks {
 impl Gateway {
     /// A gateway over `discovery` with `cfg`'s routes.
     pub fn new(cfg: &GatewayConfig, discovery: Discovery, metrics: Metrics) -> Result<Self, Error> {
+        Self::with_tls(cfg, discovery, metrics, None)
+    }
+
+    /// [`Gateway::new`], calling services over mutual TLS with `tls`'s
+    /// certificate when given.
+    pub fn with_tls(
+        cfg: &GatewayConfig,
+        discovery: Discovery,
+        metrics: Metrics,
+        tls: Option<Arc<shoal_tls::CertStore>>,
+    ) -> Result<Self, Error> {
         cfg.validate()?;
         let resilience = Resilience::new(
             cfg.resilience.clone(),
@@ -98,11 +109,12 @@ impl Gateway {
             Some(&metrics),
         )?;
         let faults = FaultInjector::new("gateway", resilience.metrics().cloned());
-        let caller = Caller::new(
+        let caller = Caller::with_tls(
             Balancer::new(discovery, cfg.load_balancing),
             cfg.upstream.clone(),
             resilience,
             Some(metrics),
+            tls,
         );
         let verifier = cfg.auth.as_ref().map(|a| {
             let source: Arc<dyn JwksSource> = match &a.jwks_file {
@@ -309,7 +321,40 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let metrics = Metrics::new("gateway");
     let registry = discovery.registry().cloned();
-    let gw = Gateway::new(cfg, discovery, metrics.clone())?;
+    cfg.validate()?;
+    // The certificate first: in mutual mode no upstream call can go without it.
+    let tls = if cfg.tls.is_mutual() {
+        let id = cfg.tls.identity("gateway")?;
+        let mut tls_cfg = cfg.tls.clone();
+        for f in [
+            &mut tls_cfg.cert_file,
+            &mut tls_cfg.key_file,
+            &mut tls_cfg.ca_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *f = cfg.resolve(f);
+        }
+        let url = match (&registry, tls_cfg.source) {
+            (Some(r), _) => r.base().to_string(),
+            (None, shoal_tls::SourceKind::Files) => String::new(),
+            (None, shoal_tls::SourceKind::ControlPlane) => {
+                return Err(Error::config(
+                    "gateway.tls.source: control_plane needs the registry's control plane",
+                ))
+            }
+        };
+        Some(shoal_tls::start(tls_cfg.cert_source(&url, "gateway", "gateway"), &id).await?)
+    } else {
+        None
+    };
+    let gw = Gateway::with_tls(
+        cfg,
+        discovery,
+        metrics.clone(),
+        tls.as_ref().map(|t| t.store().clone()),
+    )?;
     let _fault_watch = registry.map(|r| FaultWatch::start(r, gw.inner.faults.clone()));
     let watcher = tokio::spawn(gw.clone().watch_routes_file());
     let telemetry = Arc::new(ServerTelemetry {
@@ -333,6 +378,7 @@ pub async fn serve(
         ));
     let out = crate::server::run(listener, app, &cfg.server, shutdown).await;
     watcher.abort();
+    drop(tls);
     out
 }
 

@@ -27,17 +27,29 @@ pub(crate) async fn run(registry: Registry) {
     loop {
         tick.tick().await;
         let mut round = tokio::task::JoinSet::new();
-        for (id, addr) in registry.targets() {
+        for target in registry.targets() {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
             let client = client.clone();
             let registry = registry.clone();
-            let uri = format!("http://{addr}{}", cfg.path);
+            let addr = target.addr;
             let timeout = Duration::from_millis(cfg.timeout_ms);
+            let path = cfg.path.clone();
             round.spawn(async move {
-                let passed = probe(&client, &uri, timeout).await;
-                registry.record_probe(&id, passed);
+                let passed = if target.tls {
+                    // The instance accepts mutual TLS only: probe as the control
+                    // plane, checking that it is the service it registered as.
+                    match registry.probe_tls().map(|c| c.client(&target.service)) {
+                        Some(Ok(tls)) => {
+                            probe(&tls, &format!("https://{addr}{path}"), timeout).await
+                        }
+                        _ => false,
+                    }
+                } else {
+                    probe(&client, &format!("http://{addr}{path}"), timeout).await
+                };
+                registry.record_probe(&target.id, passed);
                 drop(permit);
             });
         }
@@ -46,7 +58,10 @@ pub(crate) async fn run(registry: Registry) {
     }
 }
 
-async fn probe(client: &Client<HttpConnector, Empty<Bytes>>, uri: &str, timeout: Duration) -> bool {
+async fn probe<C>(client: &Client<C, Empty<Bytes>>, uri: &str, timeout: Duration) -> bool
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     let Ok(uri) = uri.parse::<http::Uri>() else {
         return false;
     };

@@ -9,6 +9,9 @@
 //! State is written to a file after each change, so a restarted control plane knows
 //! the instances that keep heartbeating without waiting for them to register again.
 //!
+//! Instances that serve mutual TLS only (metadata `tls = "mutual"`) are probed
+//! over mTLS with the control plane's identity ([`Registry::set_probe_tls`]).
+//!
 //! The HTTP/JSON API is documented in `docs/registry-api.md`.
 
 mod api;
@@ -19,4 +22,4 @@ mod store;
 
 pub use api::router;
 pub use config::{HealthCheckConfig, RegistryConfig};
-pub use registry::{Registry, RegistryError};
+pub use registry::{ProbeClients, Registry, RegistryError};

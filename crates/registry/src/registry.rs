@@ -43,6 +43,21 @@ struct Inner {
     changes: watch::Sender<u64>,
     /// Wakes the writer of the state file.
     dirty: Notify,
+    /// Clients for instances that serve mutual TLS only (`tls = "mutual"` in their
+    /// metadata), with the control plane's own identity; set once at start.
+    probe_tls: std::sync::OnceLock<ProbeClients>,
+}
+
+/// The TLS clients probes (and the control plane's fan-outs) use.
+pub type ProbeClients = shoal_tls::TlsClients<http_body_util::Empty<bytes::Bytes>>;
+
+/// One instance as the prober sees it.
+pub(crate) struct Target {
+    pub(crate) id: String,
+    pub(crate) service: String,
+    pub(crate) addr: std::net::SocketAddr,
+    /// It serves mutual TLS only.
+    pub(crate) tls: bool,
 }
 
 /// The registry: cheap to clone, shared by the HTTP API, the sweeper and the prober.
@@ -91,6 +106,7 @@ impl Registry {
                 state: Mutex::new(state),
                 changes,
                 dirty: Notify::new(),
+                probe_tls: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -98,6 +114,18 @@ impl Registry {
     /// The settings in force.
     pub fn config(&self) -> &RegistryConfig {
         &self.inner.cfg
+    }
+
+    /// Probe instances that serve mutual TLS with these clients (the control
+    /// plane's identity). Without them such instances fail their probes. Only the
+    /// first call takes effect.
+    pub fn set_probe_tls(&self, clients: ProbeClients) {
+        let _ = self.inner.probe_tls.set(clients);
+    }
+
+    /// The clients of [`Registry::set_probe_tls`], if set.
+    pub fn probe_tls(&self) -> Option<&ProbeClients> {
+        self.inner.probe_tls.get()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -240,12 +268,17 @@ impl Registry {
         flip
     }
 
-    /// Ids and addresses of every instance, for the prober.
-    pub(crate) fn targets(&self) -> Vec<(String, std::net::SocketAddr)> {
+    /// Every instance, for the prober.
+    pub(crate) fn targets(&self) -> Vec<Target> {
         self.lock()
             .entries
             .values()
-            .map(|e| (e.instance.id.clone(), e.instance.addr))
+            .map(|e| Target {
+                id: e.instance.id.clone(),
+                service: e.instance.service.clone(),
+                addr: e.instance.addr,
+                tls: shoal_tls::serves_mutual_tls(&e.instance.metadata),
+            })
             .collect()
     }
 

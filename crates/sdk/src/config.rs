@@ -1,6 +1,8 @@
+pub use crate::authz::AuthorizationConfig;
 use serde::Deserialize;
 use shoal_discovery::{CallerConfig, Strategy};
 use shoal_resilience::ResilienceConfig;
+pub use shoal_tls::{SourceKind as TlsSource, TlsConfig, TlsMode};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -56,6 +58,11 @@ pub struct ServiceConfig {
     /// The service's own settings (`[settings]`, `SHOAL_SETTINGS__*`), read into the
     /// type the service names with [`crate::Service::settings`].
     pub settings: toml::Table,
+    /// Service-to-service mutual TLS (`[tls]`, docs/mtls.md).
+    pub tls: TlsConfig,
+    /// Which callers may call which routes (`[authorization]`, docs/mtls.md); needs
+    /// `tls.mode = "mutual"`, which proves who the caller is.
+    pub authorization: Option<AuthorizationConfig>,
 }
 
 impl Default for ServiceConfig {
@@ -82,6 +89,8 @@ impl Default for ServiceConfig {
             bus: BusConfig::default(),
             peers: Default::default(),
             settings: toml::Table::new(),
+            tls: TlsConfig::default(),
+            authorization: None,
         }
     }
 }
@@ -202,6 +211,16 @@ impl ServiceConfig {
             if addrs.is_empty() || addrs.len() > 64 {
                 return bad(&format!("peers.{name}"), "must list 1 to 64 addresses");
             }
+        }
+        self.tls.validate("tls")?;
+        if let Some(policy) = &self.authorization {
+            if !self.tls.is_mutual() {
+                return bad(
+                    "authorization",
+                    "a policy needs tls.mode = \"mutual\": without a client certificate the caller is unknown",
+                );
+            }
+            policy.validate()?;
         }
         self.resilience.validate("resilience")
     }

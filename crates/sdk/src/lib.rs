@@ -25,8 +25,12 @@
 //! an HTTP client that calls other services by name with load balancing and the
 //! resilience policies of its config (retry, circuit breaker, timeouts and
 //! deadlines, bulkhead, rate limit); run-time fault injection for chaos tests; and
-//! a graceful shutdown on SIGTERM/SIGINT (deregister, drain, stop).
+//! a graceful shutdown on SIGTERM/SIGINT (deregister, drain, stop); and, opt-in,
+//! service-to-service mutual TLS with SPIFFE identities from the control plane's CA
+//! and an authorization policy of callers (`[tls]`, `[authorization]`;
+//! docs/mtls.md).
 
+mod authz;
 mod bus_connect;
 mod config;
 mod ctx;
@@ -36,7 +40,10 @@ pub mod messaging;
 mod service;
 pub mod testing;
 
-pub use config::{BusBackend, BusConfig, DatabaseConfig, ServiceConfig};
+pub use config::{
+    AuthorizationConfig, BusBackend, BusConfig, DatabaseConfig, ServiceConfig, TlsConfig, TlsMode,
+    TlsSource,
+};
 pub use ctx::Ctx;
 pub use identity::Identity;
 pub use service::{RunningService, Service};
@@ -44,6 +51,9 @@ pub use shoal_core::{ApiError, Error, ErrorKind, Origin};
 pub use shoal_db::{Backend, Db, DbOptions, Migration};
 pub use shoal_discovery::{ClientResponse, ServiceClient, Strategy};
 pub use shoal_telemetry::{Metrics, RequestContext};
+/// The caller's verified identity on a mutual-mode service's requests (a request
+/// extension).
+pub use shoal_tls::{PeerIdentity, SpiffeId};
 
 /// Event sourcing and CQRS: the event store, aggregates, projections, the
 /// read-through cache (`Service::event_store`, `Ctx::events`).

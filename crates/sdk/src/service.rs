@@ -368,6 +368,27 @@ impl Service {
 
         let registry = RegistryClient::new(&cfg.registry_url)?;
         let metrics = Metrics::new(&self.name);
+        // The certificate before anything serves or calls: with mutual TLS the
+        // service can do neither without it.
+        let tls = if cfg.tls.is_mutual() {
+            if matches!(self.name.as_str(), "gateway" | "control-plane") {
+                return Err(Error::config(format!(
+                    "tls: {:?} is the platform's own identity; a service cannot use that name with mutual TLS",
+                    self.name
+                )));
+            }
+            let id = shoal_tls::SpiffeId::service(&cfg.tls.trust_domain, &self.name)?;
+            let source = cfg
+                .tls
+                .cert_source(&cfg.registry_url, &self.name, &instance_id);
+            Some(
+                shoal_tls::start(source, &id)
+                    .await
+                    .map_err(|e| Error::from(e).with_retryable(true))?,
+            )
+        } else {
+            None
+        };
         let discovery = if cfg.register {
             Discovery::start(registry.clone())
         } else {
@@ -380,11 +401,12 @@ impl Service {
             Some(&metrics),
         )?;
         let faults = FaultInjector::new(&self.name, resilience.metrics().cloned());
-        let caller = Caller::new(
+        let caller = Caller::with_tls(
             Balancer::new(discovery, cfg.load_balancing),
             cfg.client.clone(),
             resilience.clone(),
             Some(metrics.clone()),
+            tls.as_ref().map(|t| t.store().clone()),
         );
         let (projections_stop, projections_stopped) = tokio::sync::watch::channel(false);
         let ctx = Ctx(Arc::new(CtxInner {
@@ -467,12 +489,21 @@ impl Service {
         if let Some(setup) = self.setup {
             router = router.merge(setup(ctx.clone()).await?);
         }
-        let app = router
+        let mut app = router
             .merge(health::router(health))
             .merge(shoal_telemetry::http::ops_routes(ctx.metrics().clone()))
             .merge(shoal_resilience::ops_routes(resilience))
             .layer(DefaultBodyLimit::max(cfg.body_limit_bytes))
-            .layer(Extension(ctx.clone()))
+            .layer(Extension(ctx.clone()));
+        if let Some(policy) = &cfg.authorization {
+            // Inside the telemetry layer (a refusal is a served 403 in the metrics),
+            // outside fault injection (a refused caller never meets a fault).
+            app = app.layer(axum::middleware::from_fn_with_state(
+                crate::authz::Policy::new(policy, ctx.metrics()),
+                crate::authz::middleware,
+            ));
+        }
+        let app = app
             .layer(axum::middleware::from_fn_with_state(
                 faults.clone(),
                 shoal_resilience::fault::middleware,
@@ -483,17 +514,36 @@ impl Service {
             ));
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stop_rx.await;
-                })
-                .await
-        });
+        let stopped = async {
+            let _ = stop_rx.await;
+        };
+        let server = match &tls {
+            None => tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }),
+            Some(t) => {
+                // TLS only: plain-text and certificate-less connections end at the
+                // handshake.
+                let config = shoal_tls::server_config(t.store().clone())?;
+                tokio::spawn(shoal_tls::serve(listener, config, app, stopped))
+            }
+        };
 
         let fault_watch = cfg
             .register
             .then(|| FaultWatch::start(registry.clone(), faults));
+        // `shoal log-level`: the control plane's level for this service, applied to
+        // this process's filter without a restart.
+        let log_watch = cfg.register.then(|| {
+            shoal_discovery::LogLevelWatch::start(
+                registry.clone(),
+                &self.name,
+                logs,
+                &cfg.log_level,
+            )
+        });
         let lease = if cfg.register {
             let reg = Registration {
                 service: self.name.clone(),
@@ -501,7 +551,16 @@ impl Service {
                 addr,
                 id: Some(instance_id.clone()),
                 pid: Some(std::process::id()),
-                metadata: Default::default(),
+                // Tells the registry to probe this instance over mTLS.
+                metadata: if tls.is_some() {
+                    [(
+                        shoal_tls::TLS_METADATA_KEY.to_string(),
+                        shoal_tls::TLS_MUTUAL.to_string(),
+                    )]
+                    .into()
+                } else {
+                    Default::default()
+                },
                 ttl_ms: Some(cfg.ttl_ms),
             };
             match Lease::start(registry, reg).await {
@@ -514,7 +573,6 @@ impl Service {
         } else {
             None
         };
-        let _ = logs; // kept for run-time level changes (see the observability issue)
         tracing::info!(addr = %addr, version = %version, "service started");
         Ok(RunningService {
             addr,
@@ -522,12 +580,14 @@ impl Service {
             lease,
             draining,
             _fault_watch: fault_watch,
+            _log_watch: log_watch,
             projections: background,
             projections_stop,
             stop: Some(stop_tx),
             server: Some(server),
             grace: Duration::from_millis(cfg.deregister_grace_ms),
             drain: Duration::from_millis(cfg.shutdown_drain_ms),
+            _tls: tls,
         })
     }
 }
@@ -539,12 +599,16 @@ pub struct RunningService {
     lease: Option<Lease>,
     draining: Arc<AtomicBool>,
     _fault_watch: Option<FaultWatch>,
+    /// Follows `shoal log-level` (registered services only).
+    _log_watch: Option<shoal_discovery::LogLevelWatch>,
     projections: Vec<JoinHandle<()>>,
     projections_stop: tokio::sync::watch::Sender<bool>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
     grace: Duration,
     drain: Duration,
+    /// The certificate and its renewal task (mutual TLS only).
+    _tls: Option<shoal_tls::Renewal>,
 }
 
 impl RunningService {

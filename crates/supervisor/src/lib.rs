@@ -8,13 +8,17 @@
 //! own process group and are killed by the kernel if the supervisor itself dies.
 //!
 //! The live state (addresses, pids, restarts) is kept in `<state_dir>/up.json` for
-//! `shoal status` and for tests.
+//! `shoal status` and for tests. Every process's output goes through the supervisor
+//! into `<state_dir>/logs/<name>.log`, rotated by size and pruned by count and age
+//! (`[supervisor.logs]`, [`LogStoreConfig`]); `shoal logs` reads it.
 
+mod logstore;
 mod process;
 mod state;
 mod system;
 mod up;
 
+pub use logstore::LogStoreConfig;
 pub use state::{ProcessState, UpState};
 pub use system::{BuildSpec, ServiceSpec, SupervisorConfig, SystemFile};
 pub use up::{up, UpOptions};

@@ -1,5 +1,6 @@
 //! Starting, watching, restarting and stopping one process.
 
+use crate::logstore::{pump, LogSink};
 use crate::state::{ProcessState, UpState};
 use crate::SupervisorConfig;
 use std::collections::VecDeque;
@@ -52,23 +53,64 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-fn spawn(spec: &ProcSpec) -> std::io::Result<Child> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&spec.log)?;
+/// The process's output pumps: its stdout and stderr read into its log sink.
+struct Pumps(Vec<tokio::task::JoinHandle<()>>);
+
+impl Pumps {
+    /// Wait for the pumps to reach the end of the pipes (the child has exited), at
+    /// most `limit`: a grandchild that inherited the pipes could keep them open
+    /// forever, and then the rest of its output is not this process's anyway.
+    async fn finish(self, limit: Duration) {
+        for mut p in self.0 {
+            if tokio::time::timeout(limit, &mut p).await.is_err() {
+                p.abort();
+            }
+        }
+    }
+}
+
+fn spawn(spec: &ProcSpec, sink: &Arc<LogSink>) -> std::io::Result<(Child, Pumps)> {
     let mut cmd = Command::new(&spec.argv[0]);
+    // Pipes, not the log file itself: the supervisor owns the file, so it can rotate
+    // it between whole lines (see logstore.rs).
     cmd.args(&spec.argv[1..])
         .current_dir(&spec.cwd)
         .envs(spec.env.iter().cloned())
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         // Its own process group: a Ctrl-C in the terminal reaches the supervisor
         // only, which then stops everything in order.
         .process_group(0);
     set_parent_death_signal(&mut cmd);
-    cmd.spawn()
+    let mut child = cmd.spawn()?;
+    let mut pumps = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        pumps.push(tokio::spawn(pump(out, sink.clone())));
+    }
+    if let Some(err) = child.stderr.take() {
+        pumps.push(tokio::spawn(pump(err, sink.clone())));
+    }
+    Ok((child, Pumps(pumps)))
+}
+
+/// Open the process's log sink; labels for the supervisor's own lines come from the
+/// file name (`catalog-1`) and the service (`catalog`).
+fn open_sink(spec: &ProcSpec, cfg: &SupervisorConfig) -> std::io::Result<Arc<LogSink>> {
+    let instance = spec
+        .log
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| spec.name.clone());
+    let service = spec.service.clone().unwrap_or_else(|| spec.name.clone());
+    LogSink::start(&spec.log, cfg.logs.clone(), &service, &instance).map(Arc::new)
+}
+
+/// Write out the sink's queue and stop its writer, off the runtime's threads.
+async fn close_sink(sink: Option<Arc<LogSink>>) {
+    if let Some(sink) = sink.and_then(Arc::into_inner) {
+        let _ = tokio::task::spawn_blocking(move || sink.close()).await;
+    }
 }
 
 /// Ask the kernel to SIGKILL the child if the supervisor dies, even by SIGKILL, so a
@@ -121,6 +163,9 @@ pub(crate) fn send_signal(pid: u32, signal: libc::c_int) {
     }
 }
 
+/// How long the output pumps get to read what an exited process left in its pipes.
+const PUMP_DRAIN: Duration = Duration::from_secs(2);
+
 /// Resolves once `rx` says stop (the guard `wait_for` returns is dropped here, so
 /// callers stay `Send`).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
@@ -140,38 +185,55 @@ pub(crate) async fn supervise(
     let mut backoff = initial;
     let mut recent: VecDeque<Instant> = VecDeque::new();
     let mut restarts = 0u32;
+    // One sink for the life of this supervision, restarts included: the rotation
+    // state and the queue carry over. Opened again at the next start if it failed.
+    let mut sink: Option<Arc<LogSink>> = None;
     loop {
         if *stop_rx.borrow() {
             board.update(&spec.name, |p| {
                 p.state = "stopped".into();
                 p.pid = None;
             });
+            close_sink(sink).await;
             return;
         }
         let started = Instant::now();
-        let exit = match spawn(&spec) {
-            Ok(mut child) => {
+        let spawned = match &sink {
+            Some(s) => Ok(s.clone()),
+            None => open_sink(&spec, &cfg).inspect(|s| sink = Some(s.clone())),
+        }
+        .map_err(|e| format!("cannot open its log {}: {e}", spec.log.display()))
+        .and_then(|s| {
+            spawn(&spec, &s).map_err(|e| format!("could not start {:?}: {e}", spec.argv[0]))
+        });
+        let exit = match spawned {
+            Ok((mut child, pumps)) => {
                 let pid = child.id();
                 board.update(&spec.name, |p| {
                     p.pid = pid;
                     p.state = "running".into();
                 });
                 tokio::select! {
-                    status = child.wait() => match status {
-                        Ok(s) => describe(s),
-                        Err(e) => format!("wait failed: {e}"),
+                    status = child.wait() => {
+                        pumps.finish(PUMP_DRAIN).await;
+                        match status {
+                            Ok(s) => describe(s),
+                            Err(e) => format!("wait failed: {e}"),
+                        }
                     },
                     _ = stopped(&mut stop_rx) => {
                         stop(&mut child, &spec.name, Duration::from_millis(cfg.stop_timeout_ms)).await;
+                        pumps.finish(PUMP_DRAIN).await;
                         board.update(&spec.name, |p| {
                             p.state = "stopped".into();
                             p.pid = None;
                         });
+                        close_sink(sink).await;
                         return;
                     }
                 }
             }
-            Err(e) => format!("could not start {:?}: {e}", spec.argv[0]),
+            Err(e) => e,
         };
         if *stop_rx.borrow() {
             continue;

@@ -94,6 +94,9 @@ pub struct SupervisorConfig {
     pub stop_timeout_ms: u64,
     /// How long `up` waits for everything to be healthy before saying it is not.
     pub ready_timeout_ms: u64,
+    /// The log store: rotation and retention of every process's log
+    /// (`[supervisor.logs]`).
+    pub logs: crate::logstore::LogStoreConfig,
 }
 
 impl Default for SupervisorConfig {
@@ -107,6 +110,7 @@ impl Default for SupervisorConfig {
             crash_loop_window_ms: 60_000,
             stop_timeout_ms: 15_000,
             ready_timeout_ms: 120_000,
+            logs: crate::logstore::LogStoreConfig::default(),
         }
     }
 }
@@ -195,6 +199,7 @@ impl SystemFile {
         {
             return Err(Error::config("supervisor: restart_backoff_initial_ms must be positive and at most restart_backoff_max_ms"));
         }
+        s.logs.validate()?;
         if s.crash_loop_restarts == 0 {
             return Err(Error::config(
                 "supervisor.crash_loop_restarts: must be positive",
@@ -217,7 +222,11 @@ mod tests {
     #[test]
     fn the_shops_system_file_is_valid() {
         let text = include_str!("../../../shoal.toml");
-        let s = parse(text).unwrap();
+        let mut s: SystemFile =
+            shoal_core::config::load_str(text, "shoal.toml", Vec::new()).unwrap();
+        // Its paths (schemas, the OpenAPI document) are relative to the repository.
+        s.gateway.base_dir = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/../..").into());
+        s.validate().unwrap();
         assert!(s.services.contains_key("catalog"));
         assert!(s.services.contains_key("inventory"));
     }
@@ -248,6 +257,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("services.v2.service"), "{e}");
+    }
+
+    #[test]
+    fn the_log_store_is_configured_and_checked() {
+        let s = parse("").unwrap();
+        assert_eq!(s.supervisor.logs.max_file_bytes, 16 * 1024 * 1024);
+        assert_eq!(s.supervisor.logs.max_files, 4);
+        assert_eq!(s.supervisor.logs.retention_ms, 7 * 24 * 3600 * 1000);
+        let s = parse("[supervisor.logs]\nmax_file_bytes = 1048576\nmax_files = 0\n").unwrap();
+        assert_eq!(s.supervisor.logs.max_file_bytes, 1_048_576);
+        assert_eq!(s.supervisor.logs.max_files, 0);
+        let e = parse("[supervisor.logs]\nmax_files_kept = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_files_kept"), "{e}");
+        let e = parse("[supervisor.logs]\nmax_file_bytes = 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("supervisor.logs.max_file_bytes"), "{e}");
     }
 
     #[test]

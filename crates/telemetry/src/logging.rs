@@ -35,6 +35,21 @@ impl LogHandle {
     }
 }
 
+impl LogHandle {
+    /// Whether this handle changes the process's filter: false when another logger
+    /// was installed first (several services in one test process).
+    pub fn is_live(&self) -> bool {
+        self.reload.is_some()
+    }
+}
+
+/// Check a filter directive (`debug`, `info,sqlx=warn`) the way [`LogHandle::set_level`]
+/// parses it, without applying it: the control plane refuses a bad one up front
+/// rather than letting every process fail to apply it.
+pub fn check_filter(directives: &str) -> Result<(), shoal_core::Error> {
+    parse_filter(directives).map(|_| ())
+}
+
 fn parse_filter(directives: &str) -> Result<EnvFilter, shoal_core::Error> {
     EnvFilter::builder()
         .parse(directives)
@@ -245,6 +260,14 @@ mod tests {
         assert_eq!(v["level"], "WARN");
         assert_eq!(v["status"], 503);
         assert_eq!(v["message"], "upstream failed");
+    }
+
+    #[test]
+    fn filters_are_checked_like_they_are_applied() {
+        check_filter("debug").unwrap();
+        check_filter("info,sqlx=warn").unwrap();
+        let e = check_filter("info,sqlx=loud").unwrap_err().to_string();
+        assert!(e.contains("sqlx=loud"), "{e}");
     }
 
     #[test]

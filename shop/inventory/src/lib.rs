@@ -39,10 +39,37 @@
 //! (its rows-affected says whether it could), under SQLite's write lock (`BEGIN
 //! IMMEDIATE`) or PostgreSQL's row locks, rows taken in product-id order.
 //!
+//! Stock transfers move units between this warehouse and the depot (the `depot`
+//! service, its own database) with two-phase commit, this service coordinating
+//! (module `transfers`, docs/twophase.md):
+//!
+//! - `POST /api/stock-transfers` `{"product_id","quantity","from":"inventory"|"depot","to":…}`
+//!   (+ optional `Idempotency-Key`, which becomes the transfer id and the two-phase
+//!   commit transaction id), scope `admin` (401 `unauthenticated` without a caller,
+//!   403 `forbidden` without the scope). 200 `{"transfer_id","status":"committed",…}`
+//!   once the decision to commit is logged; 409 `transfer_refused` when a warehouse
+//!   voted no (not enough units, unknown product), nothing moved; 503 `unavailable`
+//!   when the depot is not registered or a warehouse could not be reached in time
+//!   (aborted, nothing moved); 400 `validation_failed` (quantity 1 to 10000, ids as
+//!   for reservations, `from` ≠ `to`). A repeat with the same key answers how the
+//!   first call ended (409 `conflict` while it runs, or for a key reused with
+//!   another body).
+//! - `GET /api/stock-transfers/{id}` (scope `admin`): the transfer, its status and
+//!   the coordinator's view of its transaction.
+//! - `/2pc/inventory/…` (this warehouse's participant) and `/2pc/coordinator/…` (the
+//!   coordinator's decision and status routes), for the protocol only.
+//!
+//! - `POST /internal/stock/{product_id}/receipts` `{"quantity"}` + `Idempotency-Key`
+//!   (required): goods received become available, once per key (module `receipts`).
+//!
+//! Units a prepared transfer holds are in neither `available` nor gone (`outgoing`
+//! and `incoming` columns, not shown by `GET /api/inventory`), so an order can never
+//! reserve units that may leave.
+//!
 //! Stock lives in the service's own database (SQLite by default, PostgreSQL by
 //! config); the first migration creates the table and the development seed stock
 //! for the catalog's seed products (`p-1` … `p-6`, with `p-6` out of stock), the
-//! second the reservations.
+//! second the reservations, the third the transfers.
 
 use axum::extract::Path;
 use axum::routing::get;
@@ -50,7 +77,9 @@ use axum::{Json, Router};
 use serde::Serialize;
 use shoal::{ApiError, Ctx, Migration, Service};
 
+mod receipts;
 mod reservations;
+mod transfers;
 
 /// The schema and seed data, applied once per database at start.
 static MIGRATIONS: &[Migration] = &[
@@ -60,23 +89,35 @@ static MIGRATIONS: &[Migration] = &[
         "reservations",
         include_str!("../migrations/002_reservations.sql"),
     ),
+    Migration::new(
+        3,
+        "transfers",
+        include_str!("../migrations/003_transfers.sql"),
+    ),
+    Migration::new(
+        4,
+        "receipts",
+        include_str!("../migrations/004_receipts.sql"),
+    ),
 ];
 
 /// The inventory service, ready to run (`service().main().await`) or to start in a test.
 pub fn service() -> Service {
     Service::new("inventory")
         .version(env!("CARGO_PKG_VERSION"))
+        .settings::<transfers::Settings>()
         .database(MIGRATIONS)
         .routes(router())
+        .setup(transfers::setup)
 }
 
 fn router() -> Router {
-    // The contract puts this route behind a token. The gateway checks tokens once
-    // the auth issue lands; until then the service itself answers any caller.
-    // `/internal/` routes are for the orders saga only: no gateway route leads there.
+    // The gateway asks a token for `/api/inventory`. `/internal/` routes are for
+    // other services and operators only: no gateway route leads there.
     Router::new()
         .route("/api/inventory/{product_id}", get(get_stock))
         .merge(reservations::router())
+        .merge(receipts::router())
 }
 
 /// One product's stock as the API shows it.

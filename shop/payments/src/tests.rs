@@ -5,7 +5,7 @@
 use super::service;
 use axum::http::Method;
 use serde_json::{json, Value};
-use shoal::testing::{self, Answer, DataDir};
+use shoal::testing::{self, Answer, ControlPlane, DataDir};
 use shoal::RunningService;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,66 +15,11 @@ use tokio::sync::Mutex;
 const CARD: &str = "4242424242424242";
 const DECLINED: &str = "4000000000000002";
 
-/// A control plane in this process.
-struct ControlPlane {
-    url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: DataDir,
-}
-
-impl ControlPlane {
-    async fn start() -> Self {
-        let dir = DataDir::new("shop-payments-cp");
-        std::fs::create_dir_all(&*dir).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut registry = shoal_registry::RegistryConfig::default();
-        registry.health.interval_ms = 100;
-        registry.health.timeout_ms = 500;
-        let mut cfg = shoal_control_plane::ControlPlaneConfig {
-            listen: addr,
-            data_dir: dir.to_path_buf(),
-            log_level: "warn".into(),
-            registry,
-            ..Default::default()
-        };
-        cfg.broker.enabled = false;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = shoal_control_plane::run(cfg, listener, async {
-                let _ = rx.await;
-            })
-            .await;
-        });
-        Self {
-            url: format!("http://{addr}"),
-            stop: Some(tx),
-            task,
-            _dir: dir,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
-    }
-}
-
 /// The environment of a service registered with `cp`, its data in `dir`.
 fn env(cp: &ControlPlane, dir: &std::path::Path) -> Vec<(String, String)> {
-    [
-        ("SHOAL_REGISTRY_URL", cp.url.clone()),
-        ("SHOAL_LOG_LEVEL", "warn".into()),
-        ("SHOAL_DATA_DIR", dir.display().to_string()),
-        ("SHOAL_DEREGISTER_GRACE_MS", "50".into()),
-        ("SHOAL_CLIENT__TIMEOUT_MS", "2000".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    let mut env = cp.env(dir);
+    env.push(("SHOAL_CLIENT__TIMEOUT_MS".into(), "2000".into()));
+    env
 }
 
 /// A payments instance registered with `cp`, its data in `dir` (instances given
@@ -100,7 +45,7 @@ struct World {
 
 impl World {
     async fn start(tag: &str) -> Self {
-        let cp = ControlPlane::start().await;
+        let cp = ControlPlane::start().await.unwrap();
         let provider_dir = DataDir::new(&format!("shop-payments-{tag}-provider"));
         let payments_dir = DataDir::new(&format!("shop-payments-{tag}"));
         let payments = start_payments(&cp, &payments_dir).await;

@@ -5,71 +5,11 @@
 use super::*;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use shoal::testing::{self, DataDir};
+use shoal::testing::{self, ControlPlane, DataDir};
 use shoal::RunningService;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A control plane (registry only) on a free port.
-struct Plane {
-    url: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: DataDir,
-}
-
-impl Plane {
-    async fn start() -> Self {
-        let dir = DataDir::new("shop-reviews-cp");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut registry = shoal_registry::RegistryConfig::default();
-        registry.health.interval_ms = 100;
-        registry.health.timeout_ms = 500;
-        let mut cfg = shoal_control_plane::ControlPlaneConfig {
-            listen: addr,
-            data_dir: dir.to_path_buf(),
-            log_level: "warn".into(),
-            registry,
-            ..Default::default()
-        };
-        // Reviews and legacy use no bus.
-        cfg.broker.enabled = false;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = shoal_control_plane::run(cfg, listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
-        Self {
-            url: format!("http://{addr}"),
-            stop,
-            task,
-            _dir: dir,
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-    }
-
-    /// Start `service` registered here, its data in `dir`.
-    async fn start_service(&self, service: Service, dir: &std::path::Path) -> RunningService {
-        service
-            .env([
-                ("SHOAL_REGISTRY_URL", self.url.clone()),
-                ("SHOAL_DATA_DIR", dir.display().to_string()),
-                ("SHOAL_LOG_LEVEL", "warn".to_string()),
-                ("SHOAL_DEREGISTER_GRACE_MS", "50".to_string()),
-            ])
-            .start()
-            .await
-            .unwrap()
-    }
-}
 
 /// Wait until `reviews` knows a healthy instance of legacy.
 async fn sees_legacy(reviews: &RunningService) {
@@ -95,13 +35,16 @@ fn review(product_id: &str, rating: u8, text: &str, author: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn translates_the_monoliths_reviews_into_the_shops_language() {
-    let plane = Plane::start().await;
+    let plane = ControlPlane::start().await.unwrap();
     let (ldir, rdir) = (
         DataDir::new("shop-reviews-legacy"),
         DataDir::new("shop-reviews"),
     );
-    let legacy = plane.start_service(shop_legacy::service(), &ldir).await;
-    let reviews = plane.start_service(service(), &rdir).await;
+    let legacy = plane
+        .start_service(shop_legacy::service(), &ldir)
+        .await
+        .unwrap();
+    let reviews = plane.start_service(service(), &rdir).await.unwrap();
     sees_legacy(&reviews).await;
     let addr = reviews.addr();
 
@@ -181,9 +124,9 @@ async fn translates_the_monoliths_reviews_into_the_shops_language() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_monolith_reviews_are_unavailable() {
-    let plane = Plane::start().await;
+    let plane = ControlPlane::start().await.unwrap();
     let rdir = DataDir::new("shop-reviews-alone");
-    let reviews = plane.start_service(service(), &rdir).await;
+    let reviews = plane.start_service(service(), &rdir).await.unwrap();
     let a = reviews_of(reviews.addr(), "?product_id=p-1").await;
     assert_eq!(a.status, 503, "{}", a.text());
     let v = a.json();
@@ -247,13 +190,13 @@ fn bad_legacy() -> Service {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_legacy_answers_are_dropped_or_refused_never_passed_on() {
-    let plane = Plane::start().await;
+    let plane = ControlPlane::start().await.unwrap();
     let (ldir, rdir) = (
         DataDir::new("shop-reviews-bad-legacy"),
         DataDir::new("shop-reviews-bad"),
     );
-    let legacy = plane.start_service(bad_legacy(), &ldir).await;
-    let reviews = plane.start_service(service(), &rdir).await;
+    let legacy = plane.start_service(bad_legacy(), &ldir).await.unwrap();
+    let reviews = plane.start_service(service(), &rdir).await.unwrap();
     sees_legacy(&reviews).await;
     let addr = reviews.addr();
 

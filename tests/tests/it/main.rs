@@ -5,7 +5,9 @@
 
 mod broker;
 mod gateway;
+mod logs;
 mod messaging;
+mod mtls;
 mod openapi;
 mod platform;
 mod resilience;

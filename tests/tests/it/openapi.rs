@@ -113,8 +113,12 @@ fn declares_bearer(op: &Value) -> bool {
 
 #[test]
 fn the_openapi_document_matches_the_route_table() {
-    let system: SystemFile =
+    let mut system: SystemFile =
         shoal_core::config::load_str(&read("shoal.toml"), "shoal.toml", Vec::new()).unwrap();
+    // The gateway's own start-time check: the document is JSON, OpenAPI 3, at most
+    // 4 MiB, and the route table (its schema files included) compiles.
+    system.gateway.base_dir = Some(repo());
+    system.gateway.validate().unwrap();
     let gw = &system.gateway;
     assert_eq!(
         gw.openapi_file.as_deref(),

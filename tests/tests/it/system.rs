@@ -9,6 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// Whole-system tests run one at a time (a dozen processes each on a small
+/// machine), also under plain `cargo test`, which runs tests on threads; nextest
+/// runs each in its own process and uses the `whole-system` test group instead.
+pub(crate) static ONE_SYSTEM_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub(crate) fn alive(pid: u32) -> bool {
     // Signal 0 checks existence; a zombie is not alive for our purposes.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -98,6 +103,7 @@ command = ["{bins}/shop-inventory"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shoal_up_runs_the_shop_restarts_a_killed_service_and_stops_cleanly() {
+    let _one = ONE_SYSTEM_AT_A_TIME.lock().await;
     build_binaries();
     let bins = bin_dir();
     let dir = temp_dir("up");

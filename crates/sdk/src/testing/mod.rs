@@ -186,4 +186,96 @@ impl Drop for TestBroker {
     }
 }
 
+/// A control plane (registry and health checks, no broker) in the test's process,
+/// on a free port, checking health every 100 ms: services started against it
+/// register and find each other by name, as under `shoal up`. Stopped and its files
+/// removed by [`ControlPlane::stop`] (or when dropped, without waiting).
+pub struct ControlPlane {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: DataDir,
+}
+
+impl ControlPlane {
+    /// Start one.
+    pub async fn start() -> Result<Self, crate::Error> {
+        let dir = DataDir::new("cp");
+        std::fs::create_dir_all(&*dir)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut registry = shoal_registry::RegistryConfig::default();
+        registry.health.interval_ms = 100;
+        registry.health.timeout_ms = 500;
+        let mut cfg = shoal_control_plane::ControlPlaneConfig {
+            listen: addr,
+            data_dir: dir.to_path_buf(),
+            log_level: "warn".into(),
+            registry,
+            ..Default::default()
+        };
+        // Messaging tests bring their own broker ([`TestBroker`]).
+        cfg.broker.enabled = false;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = shoal_control_plane::run(cfg, listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Ok(Self {
+            url: format!("http://{addr}"),
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        })
+    }
+
+    /// Its URL (`SHOAL_REGISTRY_URL`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The environment of a service registered here, its data in `dir`, logging
+    /// warnings only, deregistering quickly at shutdown.
+    pub fn env(&self, dir: &std::path::Path) -> Vec<(String, String)> {
+        [
+            ("SHOAL_REGISTRY_URL", self.url.clone()),
+            ("SHOAL_LOG_LEVEL", "warn".to_string()),
+            ("SHOAL_DATA_DIR", dir.display().to_string()),
+            ("SHOAL_DEREGISTER_GRACE_MS", "50".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Start `service` registered here, its data in `dir`.
+    pub async fn start_service(
+        &self,
+        service: crate::Service,
+        dir: &std::path::Path,
+    ) -> Result<crate::RunningService, crate::Error> {
+        service.env(self.env(dir)).start().await
+    }
+
+    /// Stop it and wait (at most 5 s) until it has.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
 pub mod contract;

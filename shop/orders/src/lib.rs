@@ -181,9 +181,14 @@ async fn sweep(ctx: Ctx, orchestrator: saga::Orchestrator, every: Duration) {
             _ = &mut stopping => return,
             _ = tokio::time::sleep(every) => {}
         }
+        // Only orders older than a sweep: younger ones have their waiter (the fast
+        // path), and asking for each of them would cost a query per order in flight.
+        let older_than = shoal::time::unix_ms().saturating_sub(every.as_millis() as u64);
         let pending: Result<Vec<(String,)>, _> = shoal::sqlx::query_as(
-            "SELECT id FROM orders_view WHERE status = 'PENDING' ORDER BY placed_at_ms LIMIT 500",
+            "SELECT id FROM orders_view WHERE status = 'PENDING' AND placed_at_ms < $1
+             ORDER BY placed_at_ms LIMIT 500",
         )
+        .bind(older_than as i64)
         .fetch_all(ctx.db().pool())
         .await;
         match pending {

@@ -19,40 +19,18 @@ fn contract(name: &str) -> Contract {
 /// A broker of the test's own, served on a free port, and a client of it.
 struct TestBus {
     bus: SharedBus,
-    broker: shoal_broker::Broker,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    _dir: DataDir,
+    broker: testing::TestBroker,
 }
 
 impl TestBus {
     async fn start() -> Self {
-        let dir = DataDir::new("shop-notifications-broker");
-        let metrics = shoal::Metrics::new("test-broker");
-        let broker =
-            shoal_broker::Broker::open(&*dir, shoal_broker::BrokerConfig::default(), &metrics)
-                .await
-                .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let served = broker.clone();
-        tokio::spawn(async move {
-            let _ = shoal_broker::serve(listener, served, async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
-        let bus: SharedBus = Arc::new(shoal_broker::EmbeddedBus::connect(addr).await.unwrap());
-        Self {
-            bus,
-            broker,
-            _stop: stop,
-            _dir: dir,
-        }
+        let broker = testing::TestBroker::start().await.unwrap();
+        let bus = broker.bus().await.unwrap();
+        Self { bus, broker }
     }
 
     async fn close(self) {
-        self.broker.close().await;
+        self.broker.broker().close().await;
     }
 
     /// A reader of `topic` from its start, in a group of its own. Waits for the

@@ -1,7 +1,7 @@
 //! Notifications against a real embedded broker (in this process, on 127.0.0.1).
 
 use super::*;
-use shoal::bus::{headers, Consumer, Delivery, OutgoingMessage, SharedBus, StartAt};
+use shoal::bus::{headers, Consumer, Delivery, OutgoingMessage, SharedBus};
 use shoal::testing::contract::{Contract, MessageExample};
 use shoal::testing::{self, DataDir};
 use std::time::Duration;
@@ -33,27 +33,9 @@ impl TestBus {
         self.broker.broker().close().await;
     }
 
-    /// A reader of `topic` from its start, in a group of its own. Waits for the
-    /// topic: a dead-letter topic exists only once something was dead-lettered.
+    /// A reader of `topic` from its start, in a group of its own.
     async fn reader(&self, topic: &str) -> Box<dyn Consumer> {
-        let options = SubscribeOptions {
-            start: StartAt::Earliest,
-            ..SubscribeOptions::default()
-        };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match self
-                .bus
-                .subscribe(topic, "test-reader", options.clone())
-                .await
-            {
-                Ok(c) => return c,
-                Err(_) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("subscribe {topic}: {e}"),
-            }
-        }
+        self.broker.reader(topic, "test-reader").await.unwrap()
     }
 
     async fn publish(&self, topic: &str, message: OutgoingMessage) -> String {

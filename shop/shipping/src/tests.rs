@@ -1,7 +1,7 @@
 //! Shipping against a real embedded broker (in this process, on 127.0.0.1).
 
 use super::*;
-use shoal::bus::{headers, Consumer, Delivery, SharedBus, StartAt, SubscribeOptions};
+use shoal::bus::{headers, Consumer, Delivery, SharedBus};
 use shoal::testing::contract::Contract;
 use shoal::testing::{self, DataDir};
 use std::time::Duration;
@@ -35,25 +35,7 @@ impl TestBus {
 
     /// A reader of `topic` from its start, in a group of its own.
     async fn reader(&self, topic: &str) -> Box<dyn Consumer> {
-        let options = SubscribeOptions {
-            start: StartAt::Earliest,
-            ..SubscribeOptions::default()
-        };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            // A dead-letter topic exists only once something was dead-lettered.
-            match self
-                .bus
-                .subscribe(topic, "test-reader", options.clone())
-                .await
-            {
-                Ok(c) => return c,
-                Err(_) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("subscribe {topic}: {e}"),
-            }
-        }
+        self.broker.reader(topic, "test-reader").await.unwrap()
     }
 
     async fn publish(&self, message: OutgoingMessage) -> String {

@@ -172,6 +172,31 @@ impl TestBroker {
         ))
     }
 
+    /// A reader of `topic` from its start, in `group` (a group of the test's own).
+    /// Waits at most 20 s for the topic to exist: a dead-letter topic appears only
+    /// once something was dead-lettered.
+    pub async fn reader(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Result<Box<dyn shoal_bus::Consumer>, crate::Error> {
+        let bus = self.bus().await?;
+        let options = shoal_bus::SubscribeOptions {
+            start: shoal_bus::StartAt::Earliest,
+            ..shoal_bus::SubscribeOptions::default()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match bus.subscribe(topic, group, options.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The broker itself.
     pub fn broker(&self) -> &shoal_broker::Broker {
         &self.broker

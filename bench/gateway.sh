@@ -10,6 +10,7 @@
 #   ROUNDS=1 bash bench/gateway.sh 5                # a quick look
 #   FEATURES=1 bash bench/gateway.sh                # JWT + rate limit + schema (below)
 #   FLOOR=1 bash bench/gateway.sh                   # also a bare hyper proxy (below)
+#   OVERHEAD=1 bash bench/gateway.sh                # also the gateway with tracing and metrics off
 #
 # Fairness, on a 2-CPU machine:
 # - The proxy under test gets CPU 1 to itself (taskset): nginx with
@@ -102,6 +103,7 @@ load_cpus="${LOAD_CPUS:-0}"
 features="${FEATURES:-0}"
 access_log="${ACCESS_LOG:-0}"
 floor="${FLOOR:-0}"
+overhead="${OVERHEAD:-0}"
 
 if [ "$features" = 1 ] && [ -z "$FEATURES_GATEWAY_TOML" ]; then
   echo "bench/gateway.sh: FEATURES=1 needs the gateway's route config: set FEATURES_GATEWAY_TOML at the top of this script" >&2
@@ -159,6 +161,10 @@ registry="http://127.0.0.1:$cp_port"
 # ---- the control plane and the upstream, on the load CPU ----
 cat >"$dir/shoal.toml" <<TOML
 name = "gateway benchmark"
+# nginx proxies over plain HTTP to a plain upstream: the gateway does the same
+# (the mTLS cost is bench/mtls.sh's figure).
+[tls]
+mode = "off"
 [control_plane]
 listen = "127.0.0.1:$cp_port"
 data_dir = "$dir/cp"
@@ -211,19 +217,37 @@ else
   wrk_script=()
   check=(curl -s)
 fi
-{
+# The [gateway] table: gateway_toml <port> [quiet]. `quiet` (OVERHEAD=1) switches
+# tracing and metrics off, the same gateway otherwise.
+gateway_toml() {
   echo
   echo "[gateway]"
-  echo "listen = \"127.0.0.1:$gw_port\""
+  echo "listen = \"127.0.0.1:$1\""
   if [ -n "${GATEWAY_LOG_LEVEL:-}" ]; then echo "log_level = \"$GATEWAY_LOG_LEVEL\""; fi
   if [ "$access_log" = 1 ]; then echo "access_log = true"; else echo "access_log = false"; fi
+  if [ "${2:-}" = quiet ]; then echo "metrics = false"; fi
   echo "$route_toml"
-} >>"$dir/shoal.toml"
+  if [ "${2:-}" = quiet ]; then printf '\n[gateway.tracing]\nenabled = false\n'; fi
+}
+cp "$dir/shoal.toml" "$dir/shoal-quiet.toml"
+gateway_toml "$gw_port" >>"$dir/shoal.toml"
 TOKIO_WORKER_THREADS="$threads" taskset -c "$proxy_cpus" \
   target/release/shoal gateway --system "$dir/shoal.toml" --registry "$registry" >"$dir/gateway.log" 2>&1 &
 gw_pid=$!
 pids+=("$gw_pid")
 wait_ok "http://127.0.0.1:$gw_port/health/ready" "$gw_pid"
+# OVERHEAD=1: the same gateway with tracing and metrics off. The other one sends
+# every request's two spans (server, client) to the control plane's collector,
+# which runs on the load CPU beside wrk and the upstream.
+if [ "$overhead" = 1 ]; then
+  quiet_port="$(port)"
+  gateway_toml "$quiet_port" quiet >>"$dir/shoal-quiet.toml"
+  TOKIO_WORKER_THREADS="$threads" taskset -c "$proxy_cpus" \
+    target/release/shoal gateway --system "$dir/shoal-quiet.toml" --registry "$registry" >"$dir/gateway-quiet.log" 2>&1 &
+  quiet_pid=$!
+  pids+=("$quiet_pid")
+  wait_ok "http://127.0.0.1:$quiet_port/health/ready" "$quiet_pid"
+fi
 
 # ---- nginx, on the proxy CPU ----
 mkdir -p "$dir/nginx-body" "$dir/nginx-proxy" "$dir/nginx-fastcgi" "$dir/nginx-uwsgi" "$dir/nginx-scgi"
@@ -255,6 +279,7 @@ if [ "$floor" = 1 ]; then
   for _ in $(seq 100); do grep -q listening "$dir/floor.out" && break; sleep 0.05; done
   sides+=(floor:$floor_port)
 fi
+if [ "$overhead" = 1 ]; then sides+=(quiet:$quiet_port); fi
 
 for side in "${sides[@]}"; do
   body="$("${check[@]}" "http://127.0.0.1:${side#*:}/hello" || true)"
@@ -325,6 +350,7 @@ for round in $(seq "$rounds"); do
   run nginx "$nginx_port" "$nginx_pid" "$round"
   if [ "$floor" = 1 ]; then run floor "$floor_port" "$floor_pid" "$round"; fi
   run gateway "$gw_port" "$gw_pid" "$round"
+  if [ "$overhead" = 1 ]; then run quiet "$quiet_port" "$quiet_pid" "$round"; fi
 done
 
 # shellcheck disable=SC2086
@@ -346,6 +372,14 @@ if [ "$floor" = 1 ]; then
   line "bare hyper proxy (the floor) throughput" "$(median ${rps[floor]})" "$ref_rps" req/s "%.1f"
   # shellcheck disable=SC2086
   line "bare hyper proxy (the floor) CPU time per request" "$(median ${cpu[floor]})" "$(median ${cpu[nginx]})" us "%.1f"
+fi
+if [ "$overhead" = 1 ]; then
+  # shellcheck disable=SC2086
+  line "gateway with tracing+metrics on (reference: both off) throughput" "$ours_rps" "$(median ${rps[quiet]})" req/s "%.1f"
+  # shellcheck disable=SC2086
+  line "gateway with tracing+metrics on (reference: both off) CPU time per request" "$(median ${cpu[gateway]})" "$(median ${cpu[quiet]})" us "%.1f"
+  # shellcheck disable=SC2086
+  line "gateway with tracing+metrics on (reference: both off) p99 latency" "$ours_p99" "$(median ${p99[quiet]})" ms "%.3f"
 fi
 if [ "$features" = 1 ]; then
   line "gateway with jwt+ratelimit+schema p99 latency" "$ours_p99" "$ref_p99" ms "%.3f"

@@ -11,8 +11,10 @@
 #
 # It uses the shop's own shoal.toml (ports 7070, 7071 and 8080 must be free) with
 # the gateway's per-client rate limits raised out of the way (two clients on one
-# address would measure the limiter) and its access log off; products are
-# restocked through inventory's receipt route first, so orders take the saga's
+# address would measure the limiter) and its access log off; it runs on mutual TLS
+# like the shop (gateway to services, service to service). Products are restocked
+# through inventory's receipt route first (straight to the instance, over mTLS with
+# an operator certificate from the control plane's CA), so orders take the saga's
 # long path (reserve, authorize, capture, commit, approve) instead of being
 # refused for stock. Nothing to install: there is no reference server to run.
 set -euo pipefail

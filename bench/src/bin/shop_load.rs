@@ -218,22 +218,29 @@ async fn main() {
         .and_then(|s| s["instances"][0]["addr"].as_str())
         .and_then(|a| a.parse().ok())
         .expect("inventory registered");
+    // The shop runs on mutual TLS: the inventory serves only callers holding a
+    // certificate of the system's CA, so the operator gets one.
+    let operator = shoal::testing::TlsClient::issue(&format!("http://{cp}"), "operator")
+        .await
+        .expect("an operator certificate from the control plane's CA");
     for p in 1..=5 {
         let body = json!({"quantity": RESTOCK}).to_string();
         let key = format!("bench-restock-{p}");
-        let (s, v) = call(
-            &http,
-            inventory,
-            "POST",
-            &format!("/internal/stock/p-{p}/receipts"),
-            &[
-                ("content-type", "application/json"),
-                ("idempotency-key", &key),
-            ],
-            &body,
-        )
-        .await;
-        assert_eq!(s, 200, "restock p-{p}: {v}");
+        let a = operator
+            .request(
+                "inventory",
+                inventory,
+                http::Method::POST,
+                &format!("/internal/stock/p-{p}/receipts"),
+                &[
+                    ("content-type", "application/json"),
+                    ("idempotency-key", &key),
+                ],
+                body,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("restock p-{p}: {e}"));
+        assert_eq!(a.status, 200, "restock p-{p}: {}", a.text());
     }
     let tokens = Arc::new([
         token(&http, gw, "alice").await,

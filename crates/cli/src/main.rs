@@ -12,6 +12,7 @@ mod chaos;
 mod log_level;
 mod logs;
 mod status;
+mod trace;
 
 fn cli() -> Command {
     let system = Arg::new("system")
@@ -59,6 +60,7 @@ fn cli() -> Command {
         .subcommand(chaos::command(system.clone(), registry.clone()))
         .subcommand(logs::command(system.clone()))
         .subcommand(log_level::command(system.clone(), registry.clone()))
+        .subcommand(trace::command(system.clone(), registry.clone()))
         .subcommand(
             Command::new("control-plane")
                 .about("Run the control plane (service registry)")
@@ -82,8 +84,52 @@ fn system_file(m: &ArgMatches) -> Result<shoal_supervisor::SystemFile, Error> {
     shoal_supervisor::SystemFile::load(Path::new(path))
 }
 
+/// What the control plane's dashboard and log search take from the system file: the
+/// log store and `up.json` under its `state_dir`, its service entries, and the
+/// gateway's routes with their weights (read again on each call, as the gateway
+/// reloads its routes file).
+fn system_view(path: &Path, sys: &shoal_supervisor::SystemFile) -> shoal_control_plane::SystemView {
+    let state_dir = logs::log_dir(path, Some(sys))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let gateway = sys.gateway.clone();
+    let routes: shoal_control_plane::RoutesSource = std::sync::Arc::new(move || {
+        let routes = gateway.load_routes().map_err(|e| e.to_string())?;
+        Ok(routes
+            .iter()
+            .map(|r| shoal_control_plane::RouteView {
+                name: r.name().to_string(),
+                matches: r
+                    .prefix
+                    .clone()
+                    .or_else(|| r.path.clone())
+                    .unwrap_or_default(),
+                services: r.services().into_iter().map(String::from).collect(),
+                weights: r.weights.clone(),
+            })
+            .collect())
+    });
+    shoal_control_plane::SystemView {
+        log_dir: Some(state_dir.join("logs")),
+        up_file: Some(state_dir.join("up.json")),
+        entries: sys
+            .services
+            .iter()
+            .map(|(k, spec)| (k.clone(), spec.registers_as(k).to_string()))
+            .collect(),
+        routes: Some(routes),
+    }
+}
+
 async fn control_plane(m: &ArgMatches) -> Result<(), Error> {
-    let mut cfg = system_file(m)?.control_plane;
+    let sys = system_file(m)?;
+    let path = m
+        .get_one::<String>("system")
+        .map(String::as_str)
+        .unwrap_or("shoal.toml");
+    let mut cfg = sys.control_plane.clone();
+    cfg.system = system_view(Path::new(path), &sys);
     if let Some(addr) = m.get_one::<SocketAddr>("listen") {
         cfg.listen = *addr;
     }
@@ -149,6 +195,7 @@ async fn main() -> ExitCode {
         Some(("chaos", m)) => chaos::run(m).await,
         Some(("logs", m)) => logs::run(m).await,
         Some(("log-level", m)) => log_level::run(m).await,
+        Some(("trace", m)) => trace::run(m).await,
         Some(("control-plane", m)) => control_plane(m).await,
         Some(("gateway", m)) => gateway(m).await,
         _ => Err(Error::config("unknown command; see shoal --help")),

@@ -5,18 +5,33 @@
 //! gathered from every instance on request) and the embedded message broker
 //! (`shoal-broker`, on a TCP port of its own; `GET /v1/broker` says where), and
 //! the certificate authority of service-to-service mTLS (`GET /v1/ca`,
-//! `POST /v1/certificates`, [`CaConfig`]; docs/mtls.md). The trace collector and
-//! the dashboard join it here, each as a router merged into [`router`] and a
-//! background task started by [`run`].
+//! `POST /v1/certificates`, [`CaConfig`]; docs/mtls.md), and the metrics scraper
+//! with its short history and alert rules (`/v1/metrics/summary`, `/v1/alerts`,
+//! [`MetricsConfig`], [`AlertRule`]; docs/observability.md), and the trace
+//! collector (OTLP/HTTP `POST /v1/traces`, kept in memory for `shoal trace`,
+//! [`TraceStore`]), and the dashboard (`GET /dashboard`, the page; its topology
+//! and the log search of `shoal up`'s log store, `GET /v1/logs`, from the
+//! [`SystemView`] the CLI gives it). Each part is a router merged into [`router`],
+//! with its background task started by [`run`].
 
+mod alerts;
 mod breakers;
 mod ca;
+mod dashboard;
 mod faults;
 mod log_levels;
+mod log_search;
+mod prom_text;
+mod scrape;
+mod traces;
 
+pub use alerts::{validate_alerts, AlertKind, AlertRule};
 pub use ca::CaConfig;
+pub use dashboard::{RouteView, RoutesSource, SystemView};
 pub use faults::{FaultError, FaultTable};
 pub use log_levels::{LogLevelError, LogLevelTable};
+pub use scrape::{MetricsConfig, StaticTarget};
+pub use traces::{TraceStore, TraceStoreConfig};
 
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -48,6 +63,17 @@ pub struct ControlPlaneConfig {
     pub broker: BrokerConfig,
     /// The certificate authority of service-to-service mTLS (`[control_plane.ca]`).
     pub ca: CaConfig,
+    /// The metrics scraper and its short history (`[control_plane.metrics]`).
+    pub metrics: MetricsConfig,
+    /// Alert rules evaluated after every scrape (`[[control_plane.alerts]]`).
+    pub alerts: Vec<AlertRule>,
+    /// The trace collector's limits (`[control_plane.traces]`).
+    pub traces: TraceStoreConfig,
+    /// The system around it (log store, `up.json`, the gateway's routes), for the
+    /// dashboard and the log search: filled by `shoal control-plane --system`,
+    /// never read from the file.
+    #[serde(skip)]
+    pub system: SystemView,
 }
 
 impl Default for ControlPlaneConfig {
@@ -59,6 +85,10 @@ impl Default for ControlPlaneConfig {
             registry: RegistryConfig::default(),
             broker: BrokerConfig::default(),
             ca: CaConfig::default(),
+            metrics: MetricsConfig::default(),
+            alerts: Vec::new(),
+            traces: TraceStoreConfig::default(),
+            system: SystemView::default(),
         }
     }
 }
@@ -79,7 +109,17 @@ pub fn router_with_broker(
     metrics: Metrics,
     broker: Option<SocketAddr>,
 ) -> Router {
-    router_full(registry, faults, metrics, broker, None)
+    router_full(registry, faults, metrics, broker, Hosted::default())
+}
+
+/// What a running control plane adds to the bare [`router`]: the CA, the system
+/// around it, the scraper, the trace collector.
+#[derive(Default)]
+struct Hosted {
+    ca: Option<ca::Authority>,
+    system: SystemView,
+    observe: Option<scrape::Observatory>,
+    traces: Option<traces::TraceStore>,
 }
 
 /// [`router_with_broker`], with the CA's routes when `ca` is given.
@@ -88,8 +128,19 @@ fn router_full(
     faults: FaultTable,
     metrics: Metrics,
     broker: Option<SocketAddr>,
-    ca: Option<ca::Authority>,
+    hosted: Hosted,
 ) -> Router {
+    let Hosted {
+        ca,
+        system,
+        observe,
+        traces,
+    } = hosted;
+    // Without a collector (`router`), traces are kept by a default-sized store.
+    let traces = traces.unwrap_or_else(|| traces::TraceStore::new(TraceStoreConfig::default()));
+    // Without a scraper (`router`), the summary and the alerts answer empty.
+    let observe =
+        observe.unwrap_or_else(|| scrape::Observatory::idle(registry.clone(), metrics.clone()));
     let render = metrics.clone();
     let telemetry = Arc::new(ServerTelemetry {
         metrics,
@@ -98,12 +149,25 @@ fn router_full(
         // themselves; the breaker fan-out bounds each instance's answer.
         request_timeout: None,
         honour_deadline: false,
+        // The control plane hosts the trace collector: tracing its own API would
+        // feed the collector spans of its own ingestion.
+        tracer: shoal_telemetry::Tracer::disabled(),
+        // Watches and heartbeats all day long: only failures are worth a line.
+        access_log: false,
+        record_metrics: true,
     });
     shoal_registry::router(registry.clone())
         .merge(faults::router(faults))
         // Run-time log levels (`shoal log-level`); in memory, one table per router.
         .merge(log_levels::router(LogLevelTable::new()))
+        // The dashboard (`/`, `/dashboard`) and the log search it uses.
+        .merge(log_search::router(&system))
+        .merge(dashboard::router(registry.clone(), system))
         .merge(breakers::router(registry))
+        // The trace collector (OTLP/HTTP JSON) and `shoal trace`'s reads.
+        .merge(traces::router(traces))
+        // `/v1/metrics/summary`, `/v1/alerts`, `/v1/prometheus/targets`.
+        .merge(scrape::router(observe))
         .merge(ca.map(ca::router).unwrap_or_default())
         .route(
             "/v1/broker",
@@ -140,6 +204,9 @@ pub async fn run(
     if cfg.registry.state_file.is_none() {
         cfg.registry.state_file = Some(cfg.data_dir.join("registry.json"));
     }
+    cfg.metrics.validate()?;
+    cfg.traces.validate()?;
+    validate_alerts(&cfg.alerts)?;
     let registry = Registry::new(cfg.registry.clone())?;
     let metrics = Metrics::new("control-plane");
     let faults = FaultTable::new();
@@ -164,12 +231,26 @@ pub async fn run(
     } else {
         None
     };
+    // Scrapes every instance's /metrics and evaluates the alert rules.
+    let observe = scrape::Observatory::new(
+        cfg.metrics.clone(),
+        cfg.alerts.clone(),
+        registry.clone(),
+        metrics.clone(),
+        listener.local_addr().ok(),
+    );
+    let scraper = observe.spawn(stop_rx.clone());
     let app = router_full(
         registry.clone(),
         faults.clone(),
         metrics,
         broker.as_ref().map(|b| b.addr),
-        authority,
+        Hosted {
+            ca: authority,
+            system: cfg.system.clone(),
+            observe: Some(observe),
+            traces: Some(traces::TraceStore::new(cfg.traces.clone())),
+        },
     );
     let expiry = {
         let mut rx = stop_rx.clone();
@@ -202,6 +283,7 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     let _ = background.await;
     let _ = expiry.await;
+    let _ = scraper.await;
     if let Some(r) = own_identity {
         let _ = r.await;
     }

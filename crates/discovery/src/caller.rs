@@ -9,9 +9,11 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use shoal_core::deadline::Deadline;
 use shoal_core::headers::{TRACEPARENT, X_REQUEST_ID};
+use shoal_core::trace::TraceContext;
 use shoal_core::{Error, ErrorKind, Origin};
 use shoal_resilience::{safe_to_repeat, Resilience, Scope, Shared};
-use shoal_telemetry::{Metrics, RequestContext};
+use shoal_telemetry::spans::ActiveSpan;
+use shoal_telemetry::{Metrics, RequestContext, SpanKind};
 use shoal_tls::{CertStore, ClientSettings, TlsClients};
 use std::future::Future;
 use std::pin::Pin;
@@ -180,6 +182,11 @@ impl Caller {
         &self.inner.balancer
     }
 
+    /// The certificate store it presents in mutual TLS mode (`None` in mode off).
+    pub fn tls_store(&self) -> Option<&Arc<CertStore>> {
+        self.inner.tls.as_ref().map(TlsClients::store)
+    }
+
     /// The policies it applies.
     pub fn resilience(&self) -> &Resilience {
         &self.inner.resilience
@@ -212,7 +219,7 @@ impl Caller {
         mut req: Request<Full<Bytes>>,
     ) -> Result<Response<GuardedBody>, Error> {
         add_context_headers(req.headers_mut());
-        let outer = RequestContext::current().and_then(|c| c.deadline);
+        let outer = RequestContext::with_current(|c| c.deadline).flatten();
         if let Some(d) = scope.deadline(outer) {
             if d.expired() {
                 return Err(Error::new(
@@ -282,6 +289,39 @@ impl CallerInner {
             .extensions()
             .get::<UpstreamVersion>()
             .map(|v| v.0.clone());
+        // Each attempt is a client span of the current request, and the callee's
+        // parent: the header names this attempt, not the request.
+        let current = RequestContext::with_current(|c| {
+            (c.trace, c.tracer.is_enabled().then(|| c.tracer.clone()))
+        });
+        let (span_ctx, parent) = match &current {
+            Some((t, _)) => (t.child(), Some(t.span_id)),
+            None => {
+                let sent = headers
+                    .get(TRACEPARENT)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(TraceContext::parse);
+                (
+                    sent.map(|t| t.child())
+                        .unwrap_or_else(TraceContext::new_root),
+                    sent.map(|t| t.span_id),
+                )
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&span_ctx.to_header()) {
+            headers.insert(TRACEPARENT, v);
+        }
+        let span = current.and_then(|(_, tracer)| tracer).map(|tracer| {
+            let mut s = tracer.span(
+                span_ctx,
+                parent,
+                SpanKind::Client,
+                format!("{method} {service}"),
+            );
+            s.set("peer.service", service.to_string());
+            s.set("url.path", req.uri().path().to_string());
+            s
+        });
         // Counted however the attempt ends, even when its timeout drops it midway.
         let mut observed = Observed {
             caller: self,
@@ -289,6 +329,7 @@ impl CallerInner {
             method: method.as_str(),
             start,
             status: 0,
+            span,
         };
         let mut tried: Vec<String> = Vec::new();
         let mut last_err: Option<Error> = None;
@@ -378,6 +419,7 @@ struct Observed<'a> {
     method: &'a str,
     start: Instant,
     status: u16,
+    span: Option<ActiveSpan>,
 }
 
 impl Drop for Observed<'_> {
@@ -390,20 +432,27 @@ impl Drop for Observed<'_> {
                 self.start.elapsed().as_secs_f64(),
             );
         }
+        if let Some(span) = &mut self.span {
+            span.set("http.response.status_code", self.status);
+            if self.status == 0 || self.status >= 500 {
+                span.fail(match self.status {
+                    0 => "no answer".to_string(),
+                    s => format!("answered {s}"),
+                });
+            }
+        }
     }
 }
 
-/// Pass the current request's id and trace on (a new span of the same trace).
+/// Pass the current request's id on (a new one outside a request). The trace is
+/// set per attempt, each its own span.
 fn add_context_headers(headers: &mut http::HeaderMap) {
-    let ctx = RequestContext::current().unwrap_or_else(RequestContext::new_root);
-    if !headers.contains_key(X_REQUEST_ID) {
-        if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-            headers.insert(X_REQUEST_ID, v);
-        }
+    if headers.contains_key(X_REQUEST_ID) {
+        return;
     }
-    if !headers.contains_key(TRACEPARENT) {
-        if let Ok(v) = HeaderValue::from_str(&ctx.trace.child().to_header()) {
-            headers.insert(TRACEPARENT, v);
-        }
+    let id = RequestContext::with_current(|c| HeaderValue::from_str(&c.request_id).ok())
+        .unwrap_or_else(|| HeaderValue::from_str(&shoal_telemetry::context::new_request_id()).ok());
+    if let Some(v) = id {
+        headers.insert(X_REQUEST_ID, v);
     }
 }

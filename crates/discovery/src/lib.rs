@@ -23,6 +23,7 @@ mod faults;
 mod lease;
 mod log_levels;
 mod registry_client;
+mod traces;
 mod watch;
 
 pub use balance::{Balancer, Endpoint, InflightGuard, OutlierConfig, Strategy};
@@ -33,3 +34,4 @@ pub use faults::FaultWatch;
 pub use lease::Lease;
 pub use log_levels::LogLevelWatch;
 pub use registry_client::RegistryClient;
+pub use traces::{SpanView, TraceView};

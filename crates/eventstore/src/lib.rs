@@ -38,3 +38,7 @@ pub use types::{
     RecordedEvent,
 };
 pub use upcast::Upcasters;
+
+/// The [`Metadata::extra`] key of the W3C `traceparent` of the request an event was
+/// appended in (added by [`EventStore::append`] inside a request).
+pub const TRACEPARENT_KEY: &str = "traceparent";

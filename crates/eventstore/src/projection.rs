@@ -44,7 +44,24 @@ pub trait Projection: Send + Sync {
     ) -> ProjectionFuture<'a> {
         Box::pin(async move {
             for e in events {
-                self.apply(tx, e).await?;
+                // The event's trace is current while it is applied: a message the
+                // projection puts in the outbox continues it.
+                match e
+                    .metadata
+                    .extra
+                    .get(crate::TRACEPARENT_KEY)
+                    .and_then(|t| shoal_core::trace::TraceContext::parse(t))
+                {
+                    Some(trace) => {
+                        shoal_telemetry::RequestContext::background(
+                            trace,
+                            shoal_telemetry::Tracer::disabled(),
+                        )
+                        .scope(self.apply(tx, e))
+                        .await?
+                    }
+                    None => self.apply(tx, e).await?,
+                }
             }
             Ok(())
         })

@@ -13,7 +13,7 @@ use crate::types::{
     RecordedEvent,
 };
 use crate::upcast::Upcasters;
-use crate::{postgres, sqlite};
+use crate::{postgres, sqlite, TRACEPARENT_KEY};
 use shoal_core::{Error, ErrorKind, Origin};
 use shoal_db::{Db, Native};
 use sqlx::Row;
@@ -182,6 +182,18 @@ impl EventStore {
         events: Vec<NewEvent>,
     ) -> Result<Appended, Error> {
         validate_stream_id(stream)?;
+        let mut events = events;
+        // Events written while handling a request remember its trace: what they
+        // cause later (a projection's message, a consumer's work) continues it.
+        if let Some(ctx) = shoal_telemetry::RequestContext::current() {
+            let tp = ctx.trace.to_header();
+            for e in &mut events {
+                e.metadata
+                    .extra
+                    .entry(TRACEPARENT_KEY.to_string())
+                    .or_insert_with(|| tp.clone());
+            }
+        }
         let events = encode_events(events)?;
         let (reply, answer) = oneshot::channel();
         self.inner

@@ -69,6 +69,13 @@ pub struct GatewayConfig {
     /// `spiffe://<trust domain>/gateway`. The client side only: clients still reach
     /// the gateway over plain HTTP.
     pub tls: shoal_tls::TlsConfig,
+    /// Spans of the requests it serves and the calls it makes (`[gateway.tracing]`):
+    /// by default to the control plane's collector.
+    pub tracing: shoal_telemetry::TracingConfig,
+    /// Count requests and calls in `/metrics`. Off only to measure what counting
+    /// costs (bench/gateway.sh `OVERHEAD=1`): without it the gateway's series stay
+    /// at zero and its dashboards go blank.
+    pub metrics: bool,
     /// The folder relative paths are read from (the system file's); set by the
     /// loader, not by the file.
     #[serde(skip)]
@@ -98,6 +105,8 @@ impl Default for GatewayConfig {
             server: ServerConfig::default(),
             openapi_file: None,
             tls: shoal_tls::TlsConfig::default(),
+            tracing: shoal_telemetry::TracingConfig::default(),
+            metrics: true,
             base_dir: None,
         }
     }
@@ -364,6 +373,7 @@ impl GatewayConfig {
     /// compiled (schemas read and checked) so a mistake stops the start, not the
     /// first request.
     pub fn validate(&self) -> Result<(), Error> {
+        self.tracing.validate("gateway.tracing")?;
         self.resilience.validate("gateway.resilience")?;
         self.tls.validate("gateway.tls")?;
         if self.body_limit_bytes == 0 || self.request_timeout_ms == 0 {

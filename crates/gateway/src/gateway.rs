@@ -106,14 +106,14 @@ impl Gateway {
             cfg.resilience.clone(),
             "gateway",
             Duration::from_millis(cfg.upstream.timeout_ms),
-            Some(&metrics),
+            cfg.metrics.then_some(&metrics),
         )?;
         let faults = FaultInjector::new("gateway", resilience.metrics().cloned());
         let caller = Caller::with_tls(
             Balancer::new(discovery, cfg.load_balancing),
             cfg.upstream.clone(),
             resilience,
-            Some(metrics),
+            cfg.metrics.then_some(metrics),
             tls,
         );
         let verifier = cfg.auth.as_ref().map(|a| {
@@ -355,6 +355,16 @@ pub async fn serve(
         metrics.clone(),
         tls.as_ref().map(|t| t.store().clone()),
     )?;
+    let tracer = match (&cfg.tracing.endpoint, &registry) {
+        _ if !cfg.tracing.enabled => shoal_telemetry::Tracer::disabled(),
+        (Some(e), _) => start_tracer(e, cfg, &metrics)?,
+        (None, Some(r)) => start_tracer(
+            &format!("{}/v1/traces", r.base().trim_end_matches('/')),
+            cfg,
+            &metrics,
+        )?,
+        (None, None) => shoal_telemetry::Tracer::disabled(),
+    };
     let _fault_watch = registry.map(|r| FaultWatch::start(r, gw.inner.faults.clone()));
     let watcher = tokio::spawn(gw.clone().watch_routes_file());
     let telemetry = Arc::new(ServerTelemetry {
@@ -365,6 +375,10 @@ pub async fn serve(
         // service the request reaches; a client's own deadline header is not trusted.
         request_timeout: Some(Duration::from_millis(cfg.request_timeout_ms)),
         honour_deadline: false,
+        tracer,
+        // The proxy writes its own access line (`shoal::access`).
+        access_log: false,
+        record_metrics: cfg.metrics,
     });
     let app = gw
         .router(metrics)
@@ -380,6 +394,23 @@ pub async fn serve(
     watcher.abort();
     drop(tls);
     out
+}
+
+fn start_tracer(
+    endpoint: &str,
+    cfg: &GatewayConfig,
+    metrics: &Metrics,
+) -> Result<shoal_telemetry::Tracer, Error> {
+    shoal_telemetry::Tracer::start(
+        shoal_telemetry::spans::Resource {
+            service: "gateway".into(),
+            instance: "gateway".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        endpoint,
+        &cfg.tracing,
+        metrics,
+    )
 }
 
 /// The JSON error for a refused admin call or a bad route name, shared by admin.rs.

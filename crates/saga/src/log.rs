@@ -6,8 +6,10 @@
 //! transaction (group commit): a thousand sagas in flight pay for a few fsyncs, not
 //! a thousand.
 
+use shoal_core::trace::TraceContext;
 use shoal_core::{Error, ErrorKind, Origin};
 use shoal_db::{db_err, Db};
+use shoal_telemetry::Tracer;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
@@ -122,6 +124,9 @@ pub(crate) struct SagaRow {
     pub(crate) error: Option<String>,
     /// The next history sequence number.
     pub(crate) next_seq: i64,
+    /// The trace the saga continues (the request that started it) and where its
+    /// step spans go; kept in the `started` history entry, not in the row.
+    pub(crate) trace: Option<(TraceContext, Tracer)>,
 }
 
 /// One transition, written with the row it leads to.
@@ -248,6 +253,7 @@ fn row_from(r: &sqlx::any::AnyRow) -> Result<SagaRow, Error> {
         correlation_id,
         error,
         next_seq: max_seq + 1,
+        trace: None,
     })
 }
 

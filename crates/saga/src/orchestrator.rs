@@ -10,13 +10,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_bus::{OutgoingMessage, SharedBus, SubscribeOptions, TopicSpec};
+use shoal_core::trace::TraceContext;
 use shoal_core::{Error, ErrorKind, Origin};
 use shoal_db::Db;
+use shoal_telemetry::{RequestContext, SpanKind, Tracer};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 /// The longest saga id.
 pub const MAX_ID_LEN: usize = 200;
@@ -99,6 +102,7 @@ pub struct OrchestratorBuilder<D, E> {
     bus: Option<SharedBus>,
     reply_topic: Option<String>,
     metrics: SagaMetrics,
+    tracer: Tracer,
 }
 
 impl<D, E> OrchestratorBuilder<D, E>
@@ -130,6 +134,15 @@ where
         self
     }
 
+    /// Record a span per step attempt here (by default, into the tracer of the
+    /// request that starts the saga, if any). A saga continues the trace of the
+    /// request that started it, after a restart too.
+    #[must_use]
+    pub fn tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = tracer;
+        self
+    }
+
     /// Open the saga log in `db` and resume every unfinished saga of this
     /// definition: a running one goes on from the step it was at (repeating it,
     /// under the same idempotency key), a compensating one goes on compensating.
@@ -155,6 +168,7 @@ where
             waiters: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             metrics: self.metrics,
+            tracer: self.tracer,
             labels,
             saga: self.saga,
         });
@@ -169,6 +183,9 @@ where
 
 type ReplyKey = (String, usize, Phase);
 
+/// How the `started` history entry keeps the trace a saga continues.
+const TRACE_DETAIL: &str = "traceparent ";
+
 struct Inner<D, E> {
     saga: Saga<D, E>,
     log: SagaLog,
@@ -181,6 +198,7 @@ struct Inner<D, E> {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Status>>>>,
     tasks: Mutex<JoinSet<()>>,
     metrics: SagaMetrics,
+    tracer: Tracer,
     labels: Vec<(&'static str, String)>,
 }
 
@@ -222,6 +240,7 @@ where
             bus: None,
             reply_topic: None,
             metrics: SagaMetrics::default(),
+            tracer: Tracer::disabled(),
         }
     }
 
@@ -281,7 +300,17 @@ where
             correlation_id: correlation_id.to_string(),
             error: None,
             next_seq: 0,
+            trace: None,
         };
+        // The saga continues the trace of the request that starts it.
+        if let Some(c) = RequestContext::current() {
+            let tracer = if self.inner.tracer.is_enabled() {
+                self.inner.tracer.clone()
+            } else {
+                c.tracer
+            };
+            row.trace = Some((c.trace, tracer));
+        }
         let name = self.inner.saga.name.clone();
         let fresh = self
             .inner
@@ -290,7 +319,10 @@ where
                 row: row.clone(),
                 step_name: name.clone(),
                 event: "started",
-                detail: None,
+                detail: row
+                    .trace
+                    .as_ref()
+                    .map(|(t, _)| format!("{TRACE_DETAIL}{}", t.to_header())),
                 insert: Some(name),
             })
             .await?;
@@ -350,7 +382,17 @@ where
     async fn recover(&self) -> Result<usize, Error> {
         let rows = self.inner.log.unfinished(&self.inner.saga.name).await?;
         let n = rows.len();
-        for row in rows {
+        for mut row in rows {
+            // Resumed sagas go on in the trace that started them.
+            if let Some((_, _, history)) = self.inner.log.get(&row.id).await? {
+                let started = history
+                    .iter()
+                    .find(|h| h.event == "started")
+                    .and_then(|h| h.detail.as_deref())
+                    .and_then(|d| d.strip_prefix(TRACE_DETAIL))
+                    .and_then(TraceContext::parse);
+                row.trace = started.map(|t| (t, self.inner.tracer.clone()));
+            }
             let data: D = serde_json::from_str(&row.data).map_err(|e| {
                 Error::internal(format!(
                     "saga {}: its stored data does not decode (a changed data type?)",
@@ -659,7 +701,39 @@ where
             correlation_id: row.correlation_id.clone(),
             env: inner.env.clone(),
         };
-        let outcome = once(inner, cx, step, action, data.clone()).await;
+        let outcome = match &row.trace {
+            Some((parent, tracer)) if tracer.is_enabled() => {
+                let mut span = tracer.span(
+                    parent.child(),
+                    Some(parent.span_id),
+                    SpanKind::Internal,
+                    format!(
+                        "saga {} {} {}",
+                        inner.saga.name,
+                        if phase == Phase::Do { "step" } else { "undo" },
+                        step.name
+                    ),
+                );
+                span.set("saga.name", inner.saga.name.clone());
+                span.set("saga.id", row.id.clone());
+                span.set("saga.step", step.name.clone());
+                span.set("saga.phase", phase.as_str());
+                span.set("saga.attempt", attempt);
+                let here = span.context();
+                let log_span = tracing::info_span!("saga_step", trace_id = %here.trace_id_hex());
+                let out = RequestContext::background(here, tracer.clone())
+                    .scope(once(inner, cx, step, action, data.clone()))
+                    .instrument(log_span)
+                    .await;
+                match &out {
+                    Ok(_) => {}
+                    Err(StepError::Rejected(why)) => span.fail(format!("rejected: {why}")),
+                    Err(StepError::Failed(e)) => span.fail(e.to_string()),
+                }
+                out
+            }
+            _ => once(inner, cx, step, action, data.clone()).await,
+        };
         let failure = match outcome {
             Ok(d) => {
                 if row.stuck {

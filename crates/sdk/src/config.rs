@@ -2,6 +2,7 @@ pub use crate::authz::AuthorizationConfig;
 use serde::Deserialize;
 use shoal_discovery::{CallerConfig, Strategy};
 use shoal_resilience::ResilienceConfig;
+use shoal_telemetry::TracingConfig;
 pub use shoal_tls::{SourceKind as TlsSource, TlsConfig, TlsMode};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -32,6 +33,10 @@ pub struct ServiceConfig {
     pub log_level: String,
     /// Send `x-shoal-served-by: service@version` on every response.
     pub served_by_header: bool,
+    /// Log every request served at `info` (`served`, with its trace id; what
+    /// `shoal logs --trace` finds); off, a request is logged at `debug` unless it
+    /// failed.
+    pub access_log: bool,
     /// Largest request body accepted (413 beyond).
     pub body_limit_bytes: usize,
     /// Longest a handler may run (503 beyond).
@@ -63,6 +68,9 @@ pub struct ServiceConfig {
     /// Which callers may call which routes (`[authorization]`, docs/mtls.md); needs
     /// `tls.mode = "mutual"`, which proves who the caller is.
     pub authorization: Option<AuthorizationConfig>,
+    /// Spans and where they go (`[tracing]`, docs/observability.md): by default
+    /// the control plane's collector at `<registry_url>/v1/traces`.
+    pub tracing: TracingConfig,
 }
 
 impl Default for ServiceConfig {
@@ -78,6 +86,7 @@ impl Default for ServiceConfig {
             data_dir: None,
             log_level: "info".into(),
             served_by_header: true,
+            access_log: true,
             body_limit_bytes: 1024 * 1024,
             request_timeout_ms: 30_000,
             deregister_grace_ms: 250,
@@ -91,6 +100,7 @@ impl Default for ServiceConfig {
             settings: toml::Table::new(),
             tls: TlsConfig::default(),
             authorization: None,
+            tracing: TracingConfig::default(),
         }
     }
 }
@@ -165,6 +175,23 @@ impl Default for BusConfig {
 }
 
 impl ServiceConfig {
+    /// Where this service's spans go: the configured endpoint, else the control
+    /// plane's collector when the service registers with one, else nowhere (a
+    /// service run alone has no collector to send to).
+    pub fn traces_endpoint(&self) -> Option<String> {
+        if !self.tracing.enabled {
+            return None;
+        }
+        match &self.tracing.endpoint {
+            Some(e) => Some(e.clone()),
+            None if self.register => Some(format!(
+                "{}/v1/traces",
+                self.registry_url.trim_end_matches('/')
+            )),
+            None => None,
+        }
+    }
+
     /// Reject settings that cannot work, naming the key.
     pub fn validate(&self) -> Result<(), shoal_core::Error> {
         let bad = |k: &str, why: &str| Err(shoal_core::Error::config(format!("{k}: {why}")));
@@ -174,6 +201,7 @@ impl ServiceConfig {
         if self.body_limit_bytes == 0 {
             return bad("body_limit_bytes", "must be positive");
         }
+        self.tracing.validate("tracing")?;
         if self.request_timeout_ms == 0 {
             return bad("request_timeout_ms", "must be positive");
         }

@@ -28,6 +28,8 @@ pub(crate) struct CtxInner {
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
     /// Tasks started with [`Ctx::spawn`], awaited at shutdown.
     pub(crate) tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Records this instance's spans.
+    pub(crate) tracer: shoal_telemetry::Tracer,
 }
 
 impl Ctx {
@@ -141,6 +143,14 @@ impl Ctx {
         ServiceClient::new(self.0.caller.clone(), service)
     }
 
+    /// This instance's certificate store in mutual TLS mode (`[tls] mode =
+    /// "mutual"`, docs/mtls.md), `None` in mode off: for a service's own clients
+    /// that must present its identity (the two-phase commit links, for one). The
+    /// store is renewed in place, so keep the `Arc`, not a copy of its material.
+    pub fn tls(&self) -> Option<&Arc<shoal_tls::CertStore>> {
+        self.0.caller.tls_store()
+    }
+
     /// The discovery cache (instances of other services).
     pub fn discovery(&self) -> &Discovery {
         self.0.caller.balancer().discovery()
@@ -149,6 +159,12 @@ impl Ctx {
     /// This process's metrics registry, to add a service's own metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    /// Records this instance's spans (a disabled tracer when tracing is off): for
+    /// a service's own spans around work the platform does not see.
+    pub fn tracer(&self) -> &shoal_telemetry::Tracer {
+        &self.0.tracer
     }
 
     /// Service name.

@@ -53,7 +53,7 @@ pub use shoal_discovery::{ClientResponse, ServiceClient, Strategy};
 pub use shoal_telemetry::{Metrics, RequestContext};
 /// The caller's verified identity on a mutual-mode service's requests (a request
 /// extension).
-pub use shoal_tls::{PeerIdentity, SpiffeId};
+pub use shoal_tls::{CertStore, PeerIdentity, SpiffeId};
 
 /// Event sourcing and CQRS: the event store, aggregates, projections, the
 /// read-through cache (`Service::event_store`, `Ctx::events`).

@@ -17,8 +17,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use shoal_bus::{OutgoingMessage, SharedBus, SubscribeOptions};
+use shoal_core::trace::TraceContext;
 use shoal_core::{Error, ErrorKind, Origin};
 use shoal_db::{db_err, Db};
+use shoal_telemetry::spans::ActiveSpan;
+use shoal_telemetry::{RequestContext, SpanKind, Tracer};
 use sqlx::{AnyConnection, Row};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -26,6 +29,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 
 pub use shoal_bus::Message;
 
@@ -136,7 +140,14 @@ impl Outbox {
         message: &OutgoingMessage,
     ) -> Result<(), Error> {
         shoal_bus::validate_batch(topic, std::slice::from_ref(message))?;
-        let headers = serde_json::to_string(&message.headers)
+        // A message put in the outbox while handling a request continues its trace.
+        let mut headers = message.headers.clone();
+        if let Some(ctx) = RequestContext::current() {
+            headers
+                .entry(shoal_bus::headers::TRACEPARENT.to_string())
+                .or_insert_with(|| ctx.trace.to_header());
+        }
+        let headers = serde_json::to_string(&headers)
             .map_err(|e| Error::internal("encoding message headers").with_source(e))?;
         sqlx::query(
             "INSERT INTO _shoal_outbox (topic, id, msg_key, headers, payload, created_at_ms)
@@ -214,6 +225,8 @@ pub(crate) struct Settings {
     pub(crate) poll: Duration,
     pub(crate) batch: u32,
     pub(crate) inbox_retention_ms: u64,
+    /// Records the relay's producer spans.
+    pub(crate) tracer: Tracer,
 }
 
 /// How long a relay holds its turn without renewing it.
@@ -328,7 +341,14 @@ async fn relay_once(
         };
         let topic: String = row.try_get(1).map_err(decode)?;
         if topic != run_topic && !run.is_empty() {
-            published += publish_run(db, bus, &run_topic, std::mem::take(&mut run)).await?;
+            published += publish_run(
+                db,
+                bus,
+                &run_topic,
+                std::mem::take(&mut run),
+                &settings.tracer,
+            )
+            .await?;
         }
         run_topic = topic;
         let headers: String = row.try_get(4).map_err(decode)?;
@@ -352,7 +372,7 @@ async fn relay_once(
         ));
     }
     if !run.is_empty() {
-        published += publish_run(db, bus, &run_topic, run).await?;
+        published += publish_run(db, bus, &run_topic, run, &settings.tracer).await?;
     }
     metrics.relayed.inc_by(published as u64);
     metrics.backlog.set((backlog - published as i64).max(0));
@@ -365,9 +385,43 @@ async fn publish_run(
     bus: &SharedBus,
     topic: &str,
     run: Vec<(i64, OutgoingMessage)>,
+    tracer: &Tracer,
 ) -> Result<usize, Error> {
-    let (seqs, batch): (Vec<i64>, Vec<OutgoingMessage>) = run.into_iter().unzip();
-    bus.publish(topic, batch).await?;
+    let (seqs, mut batch): (Vec<i64>, Vec<OutgoingMessage>) = run.into_iter().unzip();
+    // A producer span per message of a traced request; the consumer's span is its
+    // child, so the broker hop shows between them.
+    let mut spans: Vec<ActiveSpan> = Vec::new();
+    if tracer.is_enabled() {
+        for m in &mut batch {
+            let Some(parent) = m
+                .headers
+                .get(shoal_bus::headers::TRACEPARENT)
+                .and_then(|v| TraceContext::parse(v))
+            else {
+                continue;
+            };
+            let mut span = tracer.span(
+                parent.child(),
+                Some(parent.span_id),
+                SpanKind::Producer,
+                format!("{topic} publish"),
+            );
+            span.set("messaging.destination.name", topic.to_string());
+            span.set("messaging.message.id", m.id.clone());
+            m.headers.insert(
+                shoal_bus::headers::TRACEPARENT.to_string(),
+                span.context().to_header(),
+            );
+            spans.push(span);
+        }
+    }
+    if let Err(e) = bus.publish(topic, batch).await {
+        for s in &mut spans {
+            s.fail(e.to_string());
+        }
+        return Err(e);
+    }
+    drop(spans);
     // Published: now they may go. A crash right here publishes them again at the
     // next start (same ids: consumers' inboxes drop the repeats).
     let placeholders: Vec<String> = (1..=seqs.len()).map(|i| format!("${i}")).collect();
@@ -443,7 +497,48 @@ pub(crate) async fn consume(
                 last_cleanup = now;
                 forget_old(ctx.db(), settings.inbox_retention_ms).await;
             }
-            match handle(&ctx, &inbox_key, &consumer, &delivery.message).await {
+            let message = &delivery.message;
+            let parent = message
+                .headers
+                .get(shoal_bus::headers::TRACEPARENT)
+                .and_then(|v| TraceContext::parse(v));
+            let tracer = ctx.tracer().clone();
+            let trace = parent
+                .map(|p| p.child())
+                .unwrap_or_else(|| tracer.new_root());
+            let mut span = tracer.span(
+                trace,
+                parent.map(|p| p.span_id),
+                SpanKind::Consumer,
+                format!("{} process", consumer.topic),
+            );
+            span.set("messaging.destination.name", consumer.topic.clone());
+            span.set("messaging.consumer.group.name", group.clone());
+            span.set("messaging.message.id", message.id.clone());
+            span.set("messaging.delivery.attempt", delivery.attempt);
+            // The handler's logs carry the trace id, its calls and messages the trace.
+            let log_span = tracing::info_span!(
+                "message",
+                trace_id = %trace.trace_id_hex(),
+                topic = %consumer.topic,
+                message_id = %message.id,
+            );
+            let outcome = RequestContext::background(trace, tracer)
+                .scope(handle(&ctx, &inbox_key, &consumer, message))
+                .instrument(log_span.clone())
+                .await;
+            match &outcome {
+                Ok(fresh) => log_span.in_scope(|| {
+                    tracing::info!(
+                        attempt = delivery.attempt,
+                        duplicate = !fresh,
+                        "message handled"
+                    )
+                }),
+                Err(e) => span.fail(e.to_string()),
+            }
+            drop(span);
+            match outcome {
                 Ok(true) => {
                     metrics.consumed.get_or_create(&labels).inc();
                     if let Err(e) = sub.ack(&delivery).await {

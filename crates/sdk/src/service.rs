@@ -401,6 +401,19 @@ impl Service {
             Some(&metrics),
         )?;
         let faults = FaultInjector::new(&self.name, resilience.metrics().cloned());
+        let tracer = match cfg.traces_endpoint() {
+            Some(endpoint) => shoal_telemetry::Tracer::start(
+                shoal_telemetry::spans::Resource {
+                    service: self.name.clone(),
+                    instance: instance_id.clone(),
+                    version: version.clone(),
+                },
+                &endpoint,
+                &cfg.tracing,
+                &metrics,
+            )?,
+            None => shoal_telemetry::Tracer::disabled(),
+        };
         let caller = Caller::with_tls(
             Balancer::new(discovery, cfg.load_balancing),
             cfg.client.clone(),
@@ -423,6 +436,7 @@ impl Service {
             settings,
             stopping: projections_stopped.clone(),
             tasks: std::sync::Mutex::new(Vec::new()),
+            tracer: tracer.clone(),
         }));
         let projections: Vec<JoinHandle<()>> = match &events {
             Some(store) => self
@@ -445,6 +459,7 @@ impl Service {
                 poll: Duration::from_millis(cfg.bus.outbox_poll_ms),
                 batch: cfg.bus.outbox_batch,
                 inbox_retention_ms: cfg.bus.inbox_retention_ms,
+                tracer: ctx.tracer().clone(),
             };
             let mm = messaging::MessagingMetrics::new(&metrics);
             if let (Some(outbox), Some(db)) = (&ctx.0.outbox, &ctx.0.db) {
@@ -484,6 +499,9 @@ impl Service {
             },
             request_timeout: Some(Duration::from_millis(cfg.request_timeout_ms)),
             honour_deadline: true,
+            tracer,
+            access_log: cfg.access_log,
+            record_metrics: true,
         });
         let mut router = self.router;
         if let Some(setup) = self.setup {

@@ -20,5 +20,5 @@ mod up;
 
 pub use logstore::LogStoreConfig;
 pub use state::{ProcessState, UpState};
-pub use system::{BuildSpec, ServiceSpec, SupervisorConfig, SystemFile};
+pub use system::{BuildSpec, ServiceSpec, SupervisorConfig, SystemFile, SystemTls};
 pub use up::{up, UpOptions};

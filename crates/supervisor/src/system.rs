@@ -24,9 +24,45 @@ pub struct SystemFile {
     /// Restart and stop behaviour.
     #[serde(default)]
     pub supervisor: SupervisorConfig,
+    /// Service-to-service mutual TLS of the whole system (`[tls]`): on by default.
+    #[serde(default)]
+    pub tls: SystemTls,
     /// The services, by name.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
+}
+
+/// The `[tls]` table: whether the system's services and gateway speak mutual TLS
+/// to each other (docs/mtls.md). Mutual unless `mode = "off"`: a system turns
+/// mutual all at once, so the supervisor hands the mode to every service and to
+/// the gateway.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SystemTls {
+    /// `mutual` (default): every service gets `SHOAL_TLS__MODE=mutual` (unless its
+    /// own `env` or config file sets `[tls]`) and the gateway `[gateway.tls] mode =
+    /// "mutual"` (unless the file has `[gateway.tls]`). `off`: plain HTTP, each
+    /// service as its own config says.
+    pub mode: shoal_tls::TlsMode,
+    /// The SPIFFE trust domain of every identity; also the CA's
+    /// (`[control_plane.ca] trust_domain`, which must agree when set).
+    pub trust_domain: String,
+}
+
+impl Default for SystemTls {
+    fn default() -> Self {
+        Self {
+            mode: shoal_tls::TlsMode::Mutual,
+            trust_domain: shoal_tls::DEFAULT_TRUST_DOMAIN.into(),
+        }
+    }
+}
+
+impl SystemTls {
+    /// Whether the system runs on mutual TLS.
+    pub fn is_mutual(&self) -> bool {
+        self.mode == shoal_tls::TlsMode::Mutual
+    }
 }
 
 /// The build step.
@@ -121,9 +157,10 @@ pub(crate) const MAX_REPLICAS: u32 = 64;
 impl SystemFile {
     /// Read and check a system file. Unknown keys are errors naming the key and line.
     pub fn load(path: &Path) -> Result<Self, Error> {
-        // The process environment does not override the system file: `SHOAL_*`
-        // variables belong to services.
-        let mut sys: Self = shoal_core::config::load(Some(path), Vec::new())?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(format!("cannot read config file {}", path.display())).with_source(e)
+        })?;
+        let mut sys = Self::parse(&text, &format!("config file {}", path.display()))?;
         // The gateway reads its routes file and schemas relative to this file.
         sys.gateway.base_dir = Some(
             path.parent()
@@ -136,11 +173,57 @@ impl SystemFile {
         Ok(sys)
     }
 
+    /// Parse system file text (`origin` names it in errors), with the system's
+    /// `[tls]` applied to the gateway and the CA where the file does not set theirs.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, Error> {
+        // The process environment does not override the system file: `SHOAL_*`
+        // variables belong to services.
+        let mut sys: Self = shoal_core::config::load_str(text, origin, Vec::new())?;
+        let raw: toml::Table =
+            toml::from_str(text).map_err(|e| Error::config(format!("{origin}: {e}")))?;
+        let set = |table: &str, key: &str| {
+            raw.get(table)
+                .and_then(|t| t.as_table())
+                .is_some_and(|t| t.contains_key(key))
+        };
+        if !set("gateway", "tls") {
+            sys.gateway.tls.mode = sys.tls.mode;
+            sys.gateway.tls.trust_domain = sys.tls.trust_domain.clone();
+        }
+        let ca_domain_set = raw
+            .get("control_plane")
+            .and_then(|t| t.get("ca"))
+            .and_then(|t| t.as_table())
+            .is_some_and(|t| t.contains_key("trust_domain"));
+        if !ca_domain_set {
+            sys.control_plane.ca.trust_domain = sys.tls.trust_domain.clone();
+        }
+        Ok(sys)
+    }
+
     /// Check what deserialisation cannot.
     pub fn validate(&self) -> Result<(), Error> {
+        shoal_tls::validate_trust_domain(&self.tls.trust_domain)
+            .map_err(|e| Error::config(format!("tls.trust_domain: {e}")))?;
+        if self.tls.is_mutual() {
+            if !self.control_plane.ca.enabled {
+                return Err(Error::config(
+                    "tls.mode = \"mutual\" (the default) needs the control plane's CA: \
+                     remove control_plane.ca.enabled = false, or set [tls] mode = \"off\"",
+                ));
+            }
+            if self.control_plane.ca.trust_domain != self.tls.trust_domain {
+                return Err(Error::config(format!(
+                    "control_plane.ca.trust_domain {:?} and tls.trust_domain {:?} must agree",
+                    self.control_plane.ca.trust_domain, self.tls.trust_domain
+                )));
+            }
+        }
         self.gateway.validate()?;
         self.control_plane.registry.validate()?;
         self.control_plane.broker.validate()?;
+        self.control_plane.metrics.validate()?;
+        shoal_control_plane::validate_alerts(&self.control_plane.alerts)?;
         for (name, s) in &self.services {
             shoal_core::names::validate_service_name(name)
                 .map_err(|e| Error::config(format!("services.{name}: {e}")))?;
@@ -214,7 +297,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<SystemFile, Error> {
-        let s: SystemFile = shoal_core::config::load_str(text, "shoal.toml", Vec::new())?;
+        let s = SystemFile::parse(text, "shoal.toml")?;
         s.validate()?;
         Ok(s)
     }
@@ -222,13 +305,48 @@ mod tests {
     #[test]
     fn the_shops_system_file_is_valid() {
         let text = include_str!("../../../shoal.toml");
-        let mut s: SystemFile =
-            shoal_core::config::load_str(text, "shoal.toml", Vec::new()).unwrap();
+        let mut s = SystemFile::parse(text, "shoal.toml").unwrap();
         // Its paths (schemas, the OpenAPI document) are relative to the repository.
         s.gateway.base_dir = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/../..").into());
         s.validate().unwrap();
         assert!(s.services.contains_key("catalog"));
         assert!(s.services.contains_key("inventory"));
+        // The shop runs on mutual TLS, the gateway included.
+        assert!(s.tls.is_mutual() && s.gateway.tls.is_mutual());
+    }
+
+    #[test]
+    fn mutual_tls_is_the_default_and_reaches_the_gateway_and_the_ca() {
+        let s = parse("").unwrap();
+        assert!(s.tls.is_mutual());
+        assert!(s.gateway.tls.is_mutual());
+        assert_eq!(s.gateway.tls.trust_domain, "shoal.local");
+        let s = parse("[tls]\nmode = \"off\"\n").unwrap();
+        assert!(!s.tls.is_mutual() && !s.gateway.tls.is_mutual());
+        // One trust domain for all.
+        let s = parse("[tls]\ntrust_domain = \"shop.example\"\n").unwrap();
+        assert_eq!(s.gateway.tls.trust_domain, "shop.example");
+        assert_eq!(s.control_plane.ca.trust_domain, "shop.example");
+        // The file's own [gateway.tls] wins.
+        let s = parse("[gateway.tls]\nmode = \"off\"\n").unwrap();
+        assert!(s.tls.is_mutual() && !s.gateway.tls.is_mutual());
+        for (text, key) in [
+            ("[tls]\nmod = \"off\"\n", "mod"),
+            ("[tls]\nmode = \"tls\"\n", "tls"),
+            ("[tls]\ntrust_domain = \"Bad Domain\"\n", "tls.trust_domain"),
+            (
+                "[control_plane.ca]\nenabled = false\n",
+                "control plane's CA",
+            ),
+            (
+                "[control_plane.ca]\ntrust_domain = \"other.local\"\n",
+                "must agree",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        assert!(parse("[tls]\nmode = \"off\"\n[control_plane.ca]\nenabled = false\n").is_ok());
     }
 
     #[test]

@@ -42,6 +42,15 @@ fn concrete(what: &str, addr: SocketAddr) -> Result<SocketAddr, Error> {
     Ok(l.local_addr()?)
 }
 
+/// Whether a service's config file has a `[tls]` table of its own. A file that
+/// cannot be read or parsed counts as not: the service reports that itself.
+fn sets_tls(config: &Path) -> bool {
+    std::fs::read_to_string(config)
+        .ok()
+        .and_then(|text| toml::from_str::<toml::Table>(&text).ok())
+        .is_some_and(|t| t.contains_key("tls"))
+}
+
 fn http_client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
@@ -162,6 +171,20 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
             }
             if let Some(cfg) = &spec.config {
                 env.push(("SHOAL_CONFIG".into(), root.join(cfg).display().to_string()));
+            }
+            // The system's mTLS, unless the service's config file chooses its own
+            // (the environment would override the file); its `env` wins anyway.
+            if sys.tls.is_mutual()
+                && !spec
+                    .config
+                    .as_ref()
+                    .is_some_and(|c| sets_tls(&root.join(c)))
+            {
+                env.push(("SHOAL_TLS__MODE".into(), "mutual".into()));
+                env.push((
+                    "SHOAL_TLS__TRUST_DOMAIN".into(),
+                    sys.tls.trust_domain.clone(),
+                ));
             }
             env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
             let mut argv = spec.command.clone();
@@ -347,6 +370,14 @@ fn print_summary(
     }
     eprintln!("  {:<16} {gw_url}", "gateway");
     eprintln!("  {:<16} {cp_url}", "control plane");
+    if sys.tls.is_mutual() {
+        eprintln!(
+            "  {:<16} mutual TLS between gateway and services ({})",
+            "mTLS", sys.tls.trust_domain
+        );
+    } else {
+        eprintln!("  {:<16} off ([tls] mode = \"off\")", "mTLS");
+    }
     let broker = &sys.control_plane.broker;
     if broker.enabled && broker.listen.port() != 0 {
         eprintln!("  {:<16} {} (message bus)", "broker", broker.listen);
@@ -392,5 +423,19 @@ mod tests {
         );
         let free = concrete("gateway", "127.0.0.1:0".parse().unwrap()).unwrap();
         assert_ne!(free.port(), 0);
+    }
+
+    #[test]
+    fn a_config_file_with_its_own_tls_table_is_left_alone() {
+        let dir = std::env::temp_dir().join(format!("shoal-up-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let own = dir.join("own.toml");
+        std::fs::write(&own, "[tls]\nmode = \"off\"\n").unwrap();
+        let other = dir.join("other.toml");
+        std::fs::write(&other, "listen = \"127.0.0.1:0\"\n").unwrap();
+        assert!(sets_tls(&own));
+        assert!(!sets_tls(&other));
+        assert!(!sets_tls(&dir.join("missing.toml")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,5 +1,6 @@
 //! The context of the request being handled, visible anywhere in its task.
 
+use crate::spans::Tracer;
 use shoal_core::deadline::Deadline;
 use shoal_core::trace::TraceContext;
 use std::future::Future;
@@ -17,6 +18,9 @@ pub struct RequestContext {
     pub trace: TraceContext,
     /// When the caller stops waiting; calls made for this request end by then.
     pub deadline: Option<Deadline>,
+    /// Where the spans of this request's work go (calls it makes, messages it
+    /// publishes): the tracer of the service handling it.
+    pub tracer: Tracer,
 }
 
 impl RequestContext {
@@ -26,12 +30,30 @@ impl RequestContext {
             request_id: new_request_id(),
             trace: TraceContext::new_root(),
             deadline: None,
+            tracer: Tracer::disabled(),
+        }
+    }
+
+    /// The context of background work (a consumed message, a saga step, a relay)
+    /// at trace position `trace`, recording into `tracer`.
+    pub fn background(trace: TraceContext, tracer: Tracer) -> Self {
+        Self {
+            request_id: new_request_id(),
+            trace,
+            deadline: None,
+            tracer,
         }
     }
 
     /// The context of the request this task is handling, if any.
     pub fn current() -> Option<Self> {
         CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// `f` of the current context, without cloning it (the hot paths need a field
+    /// or two, not a copy of the request id).
+    pub fn with_current<R>(f: impl FnOnce(&RequestContext) -> R) -> Option<R> {
+        CURRENT.try_with(f).ok()
     }
 
     /// Run `fut` with this context as the current one.

@@ -3,6 +3,7 @@
 //! served-by header and JSON error bodies.
 
 use crate::context::{accept_request_id, new_request_id, RequestContext};
+use crate::spans::{SpanKind, Tracer};
 use crate::Metrics;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
@@ -40,6 +41,14 @@ pub struct ServerTelemetry {
     /// answer 504) once the caller has given up. The request timeout still applies
     /// when it is sooner. Off at an edge that does not trust its clients' headers.
     pub honour_deadline: bool,
+    /// Records a server span per request ([`Tracer::disabled`] for none).
+    pub tracer: Tracer,
+    /// Log every request at `info` (`served`, with its trace id: what `shoal logs
+    /// --trace` finds); off, only failures are logged at `info` and above.
+    pub access_log: bool,
+    /// Count requests in [`Self::metrics`]; off only to measure what counting
+    /// costs (the gateway's `metrics = false`).
+    pub record_metrics: bool,
 }
 
 /// A response extension naming the route that served a request, for servers that
@@ -85,13 +94,14 @@ pub async fn layer(
         .map(str::to_string)
         .unwrap_or_else(new_request_id);
     // Continue the caller's trace with a span of our own, or start one.
-    let trace = req
+    let caller = req
         .headers()
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(TraceContext::parse)
+        .and_then(TraceContext::parse);
+    let trace = caller
         .map(|t| t.child())
-        .unwrap_or_else(TraceContext::new_root);
+        .unwrap_or_else(|| st.tracer.new_root());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -124,9 +134,18 @@ pub async fn layer(
         request_id: request_id.clone(),
         trace,
         deadline,
+        tracer: st.tracer.clone(),
     };
+    let mut server_span = st.tracer.span(
+        trace,
+        caller.map(|c| c.span_id),
+        SpanKind::Server,
+        String::new(),
+    );
 
-    st.metrics.http_server.in_flight.inc();
+    if st.record_metrics {
+        st.metrics.http_server.in_flight.inc();
+    }
     let res = if caller_deadline.is_some_and(|d| d.expired()) {
         deadline_passed()
     } else {
@@ -156,7 +175,9 @@ pub async fn layer(
             None => run.await,
         }
     };
-    st.metrics.http_server.in_flight.dec();
+    if st.record_metrics {
+        st.metrics.http_server.in_flight.dec();
+    }
 
     let mut res = normalise_error(res).await;
     let headers = res.headers_mut();
@@ -172,13 +193,27 @@ pub async fn layer(
         Some(r) => r.0.to_string(),
         None => route,
     };
-    st.metrics
-        .observe_server(&route, &method, status, elapsed.as_secs_f64());
-    span.in_scope(|| {
+    if st.record_metrics {
+        st.metrics
+            .observe_server(&route, &method, status, elapsed.as_secs_f64());
+    }
+    if st.tracer.is_enabled() {
+        server_span.rename(format!("{method} {route}"));
+        server_span.set("http.route", route);
+        server_span.set("http.response.status_code", status);
         if status >= 500 {
-            tracing::warn!(status, duration_ms = elapsed.as_millis() as u64, "served");
+            server_span.fail(format!("answered {status}"));
+        }
+    }
+    drop(server_span);
+    span.in_scope(|| {
+        let duration_ms = elapsed.as_millis() as u64;
+        if status >= 500 {
+            tracing::warn!(status, duration_ms, "served");
+        } else if st.access_log {
+            tracing::info!(status, duration_ms, "served");
         } else {
-            tracing::debug!(status, duration_ms = elapsed.as_millis() as u64, "served");
+            tracing::debug!(status, duration_ms, "served");
         }
     });
     res

@@ -121,9 +121,9 @@ impl CoordinatorConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        if !self.endpoint.starts_with("http://") {
+        if !self.endpoint.starts_with("http://") && !self.endpoint.starts_with("https://") {
             return Err(Error::config(format!(
-                "twophase coordinator endpoint {:?}: must be an http:// URL participants can reach",
+                "twophase coordinator endpoint {:?}: must be an http:// or https:// URL participants can reach",
                 self.endpoint
             )));
         }

@@ -14,7 +14,8 @@
 //!   restart and whenever a decision is late, and reports a transaction in doubt
 //!   longer than `max_in_doubt_ms` as stuck.
 //! - Transport: HTTP/JSON ([`participant_router`], [`coordinator_router`],
-//!   [`HttpParticipantLink`], [`HttpCoordinatorLink`]) behind two small traits
+//!   [`HttpParticipantLink`], [`HttpCoordinatorLink`], plain or mutual TLS) behind
+//!   two small traits
 //!   ([`ParticipantLink`], [`CoordinatorLink`]) that other transports and tests
 //!   implement.
 //!
@@ -38,7 +39,8 @@ mod tests;
 pub use config::{Backoff, CoordinatorConfig, ParticipantConfig};
 pub use coordinator::{Branch, Completion, Coordinator, Recovered};
 pub use link::{
-    CoordinatorLink, HttpCoordinatorLink, HttpParticipantLink, LinkFuture, ParticipantLink,
+    participant_name, CoordinatorLink, HttpCoordinatorLink, HttpParticipantLink, LinkFuture,
+    ParticipantLink, PeerOf,
 };
 pub use participant::{Participant, Resource, ResourceFuture};
 pub use routes::{coordinator_router, participant_router, COORDINATOR_PREFIX};

@@ -1,6 +1,8 @@
 //! How coordinator and participants reach each other: two small traits, so tests and
 //! other transports can stand in, and their HTTP/JSON implementations on hyper-util's
-//! pooled client.
+//! pooled client: plain HTTP, or mutual TLS as the service's own identity
+//! (`HttpParticipantLink::mutual`, docs/mtls.md), checking that the peer proves to be
+//! the service the endpoint belongs to.
 
 use crate::wire::{Decision, DecisionAnswer, Outcome, PrepareAnswer, PrepareRequest, TxRef, Vote};
 use bytes::Bytes;
@@ -11,8 +13,10 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_core::{ApiError, Error, ErrorKind, Origin};
+use shoal_tls::{CertStore, ClientSettings, TlsClients};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What a link call returns: boxed, so the traits can be used as `dyn`.
@@ -54,10 +58,37 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Whole-call timeout of the HTTP links, a backstop behind the callers' own.
 const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Which service an endpoint belongs to: the identity its server must prove in
+/// mutual TLS mode. `None` refuses the call (no identity, no TLS call).
+pub type PeerOf = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// The `{name}` of a participant endpoint `…/2pc/{name}`: the service a participant
+/// belongs to when, as in the shop, participants are named after their services.
+pub fn participant_name(endpoint: &str) -> Option<&str> {
+    let (_, name) = endpoint.trim_end_matches('/').rsplit_once("/2pc/")?;
+    (!name.is_empty() && !name.contains('/')).then_some(name)
+}
+
+/// How the links reach the other side.
+#[derive(Clone)]
+enum Transport {
+    /// Plain HTTP: `http://` endpoints only. Boxed: the client is large, the
+    /// enum is kept small.
+    Plain(Box<Client<HttpConnector, Full<Bytes>>>),
+    /// Mutual TLS as the store's identity, to the service `peer` names. An
+    /// `http://` endpoint is called over TLS all the same: a caller in mutual mode
+    /// always speaks TLS (docs/mtls.md), and endpoints recorded before the switch
+    /// keep working.
+    Mutual {
+        clients: TlsClients<Full<Bytes>>,
+        peer: PeerOf,
+    },
+}
+
 /// A JSON-over-HTTP caller shared by both links.
 #[derive(Clone)]
 struct JsonClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    transport: Transport,
     timeout: Duration,
 }
 
@@ -67,27 +98,77 @@ impl JsonClient {
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
         Self {
-            http: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(8)
-                .build(connector),
+            transport: Transport::Plain(Box::new(
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .pool_max_idle_per_host(8)
+                    .build(connector),
+            )),
             timeout,
         }
     }
 
+    fn mutual(timeout: Duration, store: Arc<CertStore>, peer: PeerOf) -> Self {
+        let settings = ClientSettings {
+            connect_timeout: CONNECT_TIMEOUT,
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle_per_host: 8,
+            http2: false,
+        };
+        Self {
+            transport: Transport::Mutual {
+                clients: TlsClients::new(store, settings),
+                peer,
+            },
+            timeout,
+        }
+    }
+
+    /// `POST {endpoint}/{suffix}` with `body` as JSON; the answer as `T`.
     async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
-        url: &str,
+        endpoint: &str,
+        suffix: &str,
         body: &B,
         what: &str,
     ) -> Result<T, Error> {
-        if !url.starts_with("http://") {
-            return Err(Error::new(
+        let bad = |why: String| {
+            Error::new(
                 ErrorKind::InvalidInput,
                 Origin::Internal,
-                format!("{what}: endpoint {url:?} is not an http:// URL"),
-            ));
-        }
+                format!("{what}: endpoint {endpoint:?} {why}"),
+            )
+        };
+        let base = endpoint.trim_end_matches('/');
+        let (url, tls) = match &self.transport {
+            Transport::Plain(_) if base.starts_with("http://") => {
+                (format!("{base}/{suffix}"), None)
+            }
+            Transport::Plain(_) => {
+                return Err(bad(
+                    "is not an http:// URL (an https:// peer needs a link in mutual TLS mode)"
+                        .into(),
+                ))
+            }
+            Transport::Mutual { clients, peer } => {
+                let Some(rest) = base
+                    .strip_prefix("https://")
+                    .or_else(|| base.strip_prefix("http://"))
+                else {
+                    return Err(bad("is not an http:// or https:// URL".into()));
+                };
+                let Some(service) = peer(endpoint) else {
+                    return Err(bad(
+                        "belongs to no known service: no identity to expect".into()
+                    ));
+                };
+                let client = clients
+                    .client(&service)
+                    .map_err(|e| bad(format!("no TLS identity for {service}: {e}")))?;
+                (format!("https://{rest}/{suffix}"), Some(client))
+            }
+        };
+        let url = url.as_str();
         let body = serde_json::to_vec(body)
             .map_err(|e| Error::internal(format!("{what}: encoding the request")).with_source(e))?;
         let req = Request::builder()
@@ -104,7 +185,14 @@ impl JsonClient {
                 .with_source(e)
             })?;
         let call = async {
-            let res = self.http.request(req).await.map_err(|e| {
+            let sent = match (&self.transport, tls) {
+                (_, Some(tls)) => tls.request(req).await,
+                (Transport::Plain(http), None) => http.request(req).await,
+                (Transport::Mutual { .. }, None) => {
+                    return Err(Error::internal(format!("{what}: no TLS client")))
+                }
+            };
+            let res = sent.map_err(|e| {
                 Error::new(
                     ErrorKind::Unavailable,
                     Origin::Upstream,
@@ -196,6 +284,21 @@ impl HttpParticipantLink {
             client: JsonClient::new(DEFAULT_CALL_TIMEOUT),
         }
     }
+
+    /// [`HttpParticipantLink::new`] over mutual TLS, presenting `store`'s
+    /// certificate: every call is TLS (an `http://` endpoint too), and the server
+    /// must prove to be the service `peer` names for the endpoint
+    /// (`spiffe://<td>/service/<name>`), or the call fails like a refused
+    /// connection. [`participant_name`] is the `peer` of participants named after
+    /// their services.
+    pub fn mutual(
+        store: Arc<CertStore>,
+        peer: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            client: JsonClient::mutual(DEFAULT_CALL_TIMEOUT, store, Arc::new(peer)),
+        }
+    }
 }
 
 impl ParticipantLink for HttpParticipantLink {
@@ -205,9 +308,11 @@ impl ParticipantLink for HttpParticipantLink {
         request: &'a PrepareRequest,
     ) -> LinkFuture<'a, Vote> {
         Box::pin(async move {
-            let url = format!("{}/prepare", endpoint.trim_end_matches('/'));
             let what = format!("prepare of transaction {}", request.tx_id);
-            let a: PrepareAnswer = self.client.post(&url, request, &what).await?;
+            let a: PrepareAnswer = self
+                .client
+                .post(endpoint, "prepare", request, &what)
+                .await?;
             Ok(a.vote)
         })
     }
@@ -219,12 +324,14 @@ impl ParticipantLink for HttpParticipantLink {
         outcome: Outcome,
     ) -> LinkFuture<'a, ()> {
         Box::pin(async move {
-            let url = format!("{}/{}", endpoint.trim_end_matches('/'), outcome.as_str());
             let what = format!("{} of transaction {tx_id}", outcome.as_str());
             let body = TxRef {
                 tx_id: tx_id.to_string(),
             };
-            let _: serde_json::Value = self.client.post(&url, &body, &what).await?;
+            let _: serde_json::Value = self
+                .client
+                .post(endpoint, outcome.as_str(), &body, &what)
+                .await?;
             Ok(())
         })
     }
@@ -257,22 +364,33 @@ impl HttpCoordinatorLink {
             client: JsonClient::new(DEFAULT_CALL_TIMEOUT),
         }
     }
+
+    /// [`HttpCoordinatorLink::new`] over mutual TLS, presenting `store`'s
+    /// certificate: the coordinator at an endpoint must prove to be the service
+    /// `peer` names for it.
+    pub fn mutual(
+        store: Arc<CertStore>,
+        peer: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            client: JsonClient::mutual(DEFAULT_CALL_TIMEOUT, store, Arc::new(peer)),
+        }
+    }
 }
 
 impl CoordinatorLink for HttpCoordinatorLink {
     fn decision<'a>(&'a self, endpoint: &'a str, tx_id: &'a str) -> LinkFuture<'a, Decision> {
         Box::pin(async move {
-            let url = format!("{}/decision", endpoint.trim_end_matches('/'));
             let what = format!("decision query for transaction {tx_id}");
             let body = TxRef {
                 tx_id: tx_id.to_string(),
             };
-            let a: DecisionAnswer = self.client.post(&url, &body, &what).await?;
+            let a: DecisionAnswer = self.client.post(endpoint, "decision", &body, &what).await?;
             if a.tx_id != tx_id {
                 return Err(Error::new(
                     ErrorKind::Protocol,
                     Origin::Upstream,
-                    format!("{what}: {url} answered for transaction {}", a.tx_id),
+                    format!("{what}: {endpoint} answered for transaction {}", a.tx_id),
                 ));
             }
             Ok(a.decision)

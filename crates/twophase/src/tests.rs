@@ -897,6 +897,96 @@ async fn over_http_on_loopback_all_yes_commits() {
     assert_eq!(e.kind(), shoal_core::ErrorKind::Conflict);
 }
 
+/// The links in mutual TLS mode: every call is TLS (an `http://` endpoint too),
+/// the server must prove to be the service the endpoint belongs to, and a plain
+/// link cannot reach a mutual-mode participant.
+#[tokio::test]
+async fn mutual_links_check_the_peers_identity_and_plain_text_is_refused() {
+    let dir = temp_dir("mtls");
+    let ca = shoal_tls::Ca::load_or_create(&dir.join("ca"), "shoal.local").unwrap();
+    let store = |name: &str| {
+        let id = shoal_tls::SpiffeId::for_name("shoal.local", name).unwrap();
+        let (key, res) = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        shoal_tls::CertStore::new(
+            shoal_tls::Material::from_pem(&res.cert_pem, &key, &res.ca_pem).unwrap(),
+        )
+    };
+    let db = open_db(&sqlite(&dir, "depot")).await;
+    sqlx::query("INSERT INTO stock VALUES ('depot', 10, 0, 0)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let p = Participant::start(
+        "depot",
+        db.clone(),
+        Arc::new(Stock {
+            warehouse: "depot".into(),
+            prepare_delay: Duration::ZERO,
+        }),
+        Arc::new(HttpCoordinatorLink::new()),
+        participant_config(),
+    )
+    .await
+    .unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let config = shoal_tls::server_config(store("depot")).unwrap();
+    tokio::spawn(shoal_tls::serve(
+        l,
+        config,
+        participant_router(p.clone()),
+        std::future::pending::<()>(),
+    ));
+    assert_eq!(
+        participant_name(&format!("https://{addr}/2pc/depot/")),
+        Some("depot")
+    );
+    assert_eq!(participant_name("https://h/2pc/"), None);
+
+    // The coordinator's link, as the inventory: the depot proves to be the depot.
+    let link = HttpParticipantLink::mutual(store("inventory"), |e| {
+        participant_name(e).map(String::from)
+    });
+    for endpoint in [
+        format!("https://{addr}/2pc/depot"),
+        format!("http://{addr}/2pc/depot"),
+    ] {
+        link.deliver(&endpoint, "never-prepared", Outcome::Abort)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        p.status("never-prepared").await.unwrap().unwrap().state,
+        ParticipantState::Aborted
+    );
+    // Expecting another service at that address: refused at the handshake.
+    let wrong = HttpParticipantLink::mutual(store("inventory"), |_| Some("orders".into()));
+    let e = wrong
+        .deliver(&format!("https://{addr}/2pc/depot"), "t2", Outcome::Abort)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), shoal_core::ErrorKind::Unavailable, "{e}");
+    // No identity to expect: no call.
+    let none = HttpParticipantLink::mutual(store("inventory"), |_| None);
+    let e = none
+        .deliver(&format!("https://{addr}/2pc/depot"), "t2", Outcome::Abort)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), shoal_core::ErrorKind::InvalidInput, "{e}");
+    // A plain link: an https:// endpoint is not for it, plain text is refused.
+    let plain = HttpParticipantLink::new();
+    let e = plain
+        .deliver(&format!("https://{addr}/2pc/depot"), "t2", Outcome::Abort)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), shoal_core::ErrorKind::InvalidInput, "{e}");
+    assert!(plain
+        .deliver(&format!("http://{addr}/2pc/depot"), "t2", Outcome::Abort)
+        .await
+        .is_err());
+    assert!(p.status("t2").await.unwrap().is_none());
+}
+
 /// The scenarios above, each on SQLite files.
 mod on_sqlite {
     use super::*;

@@ -49,6 +49,10 @@ static MIGRATIONS: &[Migration] = &[Migration::new(
 /// The participant's name: its routes live under `/2pc/depot`.
 pub const PARTICIPANT: &str = "depot";
 
+/// The service that coordinates the depot's transfers: with mutual TLS, the
+/// coordinator the depot asks about a decision must prove to be it.
+const COORDINATOR_SERVICE: &str = "inventory";
+
 /// Most units one transfer may move; the coordinator allows fewer.
 const MAX_QUANTITY: i64 = 100_000;
 
@@ -80,11 +84,17 @@ fn router() -> Router {
 /// units end the way their transfer was decided.
 async fn setup(ctx: Ctx) -> Result<Router, Error> {
     let settings = ctx.settings::<Settings>();
+    let link = match ctx.tls() {
+        Some(store) => {
+            HttpCoordinatorLink::mutual(store.clone(), |_| Some(COORDINATOR_SERVICE.to_string()))
+        }
+        None => HttpCoordinatorLink::new(),
+    };
     let participant = Participant::start(
         PARTICIPANT,
         ctx.db().clone(),
         Arc::new(DepotStock),
-        Arc::new(HttpCoordinatorLink::new()),
+        Arc::new(link),
         settings.participant.clone(),
     )
     .await?;

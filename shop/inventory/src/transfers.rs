@@ -13,6 +13,11 @@
 //!   instance shows up in the registry's catalog. Until then transfers answer 503.
 //! - The depot's endpoint is looked up in the catalog at every transfer, so a depot
 //!   that moved is found; one that is not there is 503 before anything begins.
+//! - With mutual TLS (the default under `shoal up`, docs/mtls.md) every 2PC call
+//!   goes over mTLS as `spiffe://<td>/service/inventory`, and the other side must
+//!   prove to be the service its endpoint belongs to: the participant named in
+//!   `…/2pc/{name}` (`depot`, or `inventory` itself), and this service for the
+//!   coordinator. Endpoints are then `https://`.
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -23,9 +28,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shoal::{ApiError, Ctx, Db, Error, ErrorKind, Identity};
 use shoal_twophase::{
-    participant_router, validate_tx_id, Branch, Coordinator, CoordinatorConfig, CoordinatorState,
-    DecisionAnswer, HttpCoordinatorLink, HttpParticipantLink, LinkFuture, Outcome, Participant,
-    ParticipantConfig, ParticipantLink, PrepareRequest, Resource, ResourceFuture, TxRef, Vote,
+    participant_name, participant_router, validate_tx_id, Branch, Coordinator, CoordinatorConfig,
+    CoordinatorState, DecisionAnswer, HttpCoordinatorLink, HttpParticipantLink, LinkFuture,
+    Outcome, Participant, ParticipantConfig, ParticipantLink, PrepareRequest, Resource,
+    ResourceFuture, TxRef, Vote,
 };
 use sqlx::AnyConnection;
 use std::collections::{HashMap, HashSet};
@@ -62,11 +68,19 @@ pub(crate) struct Settings {
 /// known. Returns the transfer routes, the participant's and the coordinator's.
 pub(crate) async fn setup(ctx: Ctx) -> Result<Router, Error> {
     let settings = ctx.settings::<Settings>();
+    // The inventory's participant asks its own coordinator: this service.
+    let coordinator_link = match ctx.tls() {
+        Some(store) => {
+            let own = ctx.service().to_string();
+            HttpCoordinatorLink::mutual(store.clone(), move |_| Some(own.clone()))
+        }
+        None => HttpCoordinatorLink::new(),
+    };
     let participant = Participant::start(
         PARTICIPANT,
         ctx.db().clone(),
         Arc::new(InventoryStock),
-        Arc::new(HttpCoordinatorLink::new()),
+        Arc::new(coordinator_link),
         settings.participant.clone(),
     )
     .await?;
@@ -87,7 +101,7 @@ pub(crate) async fn setup(ctx: Ctx) -> Result<Router, Error> {
     let transfers = Transfers(Arc::new(Inner {
         coordinator: OnceLock::new(),
         own: OnceLock::new(),
-        votes: Arc::new(VoteLog::default()),
+        votes: Arc::new(VoteLog::new(participant_link(&ctx))),
         running: Mutex::new(HashSet::new()),
     }));
     ctx.spawn(open_coordinator(
@@ -159,7 +173,11 @@ async fn open_coordinator(ctx: Ctx, transfers: Transfers, mut cfg: CoordinatorCo
             _ = registered => {}
         }
     };
-    cfg.endpoint = format!("http://{addr}{}", shoal_twophase::COORDINATOR_PREFIX);
+    cfg.endpoint = format!(
+        "{}://{addr}{}",
+        scheme(&ctx),
+        shoal_twophase::COORDINATOR_PREFIX
+    );
     let link: Arc<dyn ParticipantLink> = transfers.0.votes.clone();
     let mut failures = 0u32;
     let coordinator = loop {
@@ -180,10 +198,29 @@ async fn open_coordinator(ctx: Ctx, transfers: Transfers, mut cfg: CoordinatorCo
     let _ = transfers.0.coordinator.set(coordinator);
 }
 
+/// `https` with mutual TLS, else `http`: the scheme of this service's 2PC endpoints.
+fn scheme(ctx: &Ctx) -> &'static str {
+    if ctx.tls().is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// The coordinator's link to the participants: over mutual TLS when the service
+/// runs it, each participant proving to be the service it is named after.
+fn participant_link(ctx: &Ctx) -> HttpParticipantLink {
+    match ctx.tls() {
+        Some(store) => {
+            HttpParticipantLink::mutual(store.clone(), |e| participant_name(e).map(String::from))
+        }
+        None => HttpParticipantLink::new(),
+    }
+}
+
 /// The HTTP participant link, remembering who voted no: the coordinator answers
 /// abort for a no and for a participant that could not be reached alike, and the
 /// API tells them apart (409 `transfer_refused` or 503).
-#[derive(Default)]
 struct VoteLog {
     http: HttpParticipantLink,
     /// Transaction id → the endpoint that voted no.
@@ -191,6 +228,13 @@ struct VoteLog {
 }
 
 impl VoteLog {
+    fn new(http: HttpParticipantLink) -> Self {
+        Self {
+            http,
+            no: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn take_no(&self, tx_id: &str) -> Option<String> {
         self.no
             .lock()
@@ -411,7 +455,7 @@ fn answer(
 fn depot_endpoint(ctx: &Ctx) -> Option<String> {
     let instances = ctx.discovery().healthy(DEPOT);
     let pick = instances.first()?;
-    Some(format!("http://{}/2pc/{DEPOT}", pick.addr))
+    Some(format!("{}://{}/2pc/{DEPOT}", scheme(ctx), pick.addr))
 }
 
 async fn create(
@@ -583,7 +627,7 @@ async fn run(
         transfers: t.clone(),
         id: id.to_string(),
     };
-    let inventory = format!("http://{own}/2pc/{PARTICIPANT}");
+    let inventory = format!("{}://{own}/2pc/{PARTICIPANT}", scheme(ctx));
     let payload =
         |op: &str| json!({"op": op, "product_id": req.product_id, "quantity": req.quantity});
     let (from, to) = match req.from {

@@ -118,6 +118,7 @@ async fn setup(ctx: Ctx) -> Result<axum::Router, Error> {
     settings.validate()?;
     let orchestrator = saga::Orchestrator::builder(saga::definition(&settings)?, ctx.clone())
         .metrics(SagaMetrics::register(ctx.metrics()))
+        .tracer(ctx.tracer().clone())
         .open(ctx.db())
         .await?;
 

@@ -43,6 +43,9 @@ async fn log_level_child() {
         .env([
             ("SHOAL_REGISTRY_URL", registry.as_str()),
             ("SHOAL_LOG_LEVEL", "info"),
+            // Without access lines a 200 is logged at debug only: what the test
+            // switches on.
+            ("SHOAL_ACCESS_LOG", "false"),
             ("SHOAL_DEREGISTER_GRACE_MS", "0"),
         ])
         .start()

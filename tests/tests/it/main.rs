@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod broker;
+mod dashboard;
 mod gateway;
 mod logs;
 mod messaging;

@@ -2,11 +2,16 @@
 //! services) under `shoal up`, every service its own process, driven only through
 //! the gateway, with processes killed and frozen on the way. After each test the
 //! contract's invariants are checked once the system is quiet.
+//!
+//! The shop's `shoal.toml` runs on mutual TLS (the default of `shoal up`): every
+//! instance refuses plain HTTP, so what a test reads straight from an instance (the
+//! invariants' captures, shipments, notifications) it reads over mTLS as
+//! `spiffe://shoal.local/service/operator`, a certificate of the system's own CA.
 
 use super::system::{signal, Up, ONE_SYSTEM_AT_A_TIME};
 use http::Method;
 use serde_json::{json, Value};
-use shoal::testing::{request, Answer};
+use shoal::testing::{request, Answer, TlsClient};
 use shoal_tests::{bin_dir, build_binaries, eventually, temp_dir};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -118,6 +123,10 @@ struct Shop {
     cp: SocketAddr,
     system: PathBuf,
     dir: PathBuf,
+    /// The test's own identity from the system's CA, for calls straight to
+    /// instances (the shop's services have no `[authorization]` policy, so any
+    /// certificate of the CA is served).
+    operator: TlsClient,
 }
 
 async fn up(tag: &str, extra_env: &[(&str, &str, &str)]) -> Shop {
@@ -159,6 +168,9 @@ async fn up(tag: &str, extra_env: &[(&str, &str, &str)]) -> Shop {
             registry.map(|a| a.text())
         );
     }
+    let operator = TlsClient::issue(&format!("http://{cp}"), "operator")
+        .await
+        .unwrap();
     Shop {
         up,
         _one: one,
@@ -166,6 +178,7 @@ async fn up(tag: &str, extra_env: &[(&str, &str, &str)]) -> Shop {
         cp,
         system,
         dir,
+        operator,
     }
 }
 
@@ -288,6 +301,145 @@ impl Shop {
         }
         panic!("shoal up did not stop within 30 s");
     }
+}
+
+/// Place an order under a trace id of our own, then find that trace in the
+/// control plane's collector with every hop in it, print it with `shoal trace`,
+/// and find its log lines with `shoal logs --trace`. Answers the order and its
+/// final state, for the invariants.
+async fn one_order_is_one_trace(shop: &Shop, token: &str) -> (String, Value) {
+    let trace_id = format!("{:032x}", fastrand::u128(1..));
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{caller_span}-01");
+    let body = json!({"items": [{"product_id": "p-2", "quantity": 1}], "card_number": CARD});
+    let a = shop
+        .call(
+            Method::POST,
+            "/api/orders",
+            Some(token),
+            &[("traceparent", &traceparent)],
+            &body.to_string(),
+        )
+        .await;
+    assert!(a.status == 201 || a.status == 202, "{}", a.text());
+    let id = a.json()["id"].as_str().unwrap().to_string();
+    let order = shop.ended(token, &id, Duration::from_secs(30)).await;
+    assert_eq!(order["status"], "APPROVED", "{order}");
+
+    // Spans arrive from every process within a flush interval or two.
+    let has = |spans: &[Value], service: &str, kind: &str, name: &str| {
+        spans.iter().any(|s| {
+            s["service"] == service
+                && s["kind"] == kind
+                && s["name"].as_str().unwrap_or("").contains(name)
+        })
+    };
+    let found = std::sync::Mutex::new(Vec::<Value>::new());
+    let complete = eventually(Duration::from_secs(30), || async {
+        let Ok(a) = request(
+            shop.cp,
+            Method::GET,
+            &format!("/v1/traces/{trace_id}"),
+            &[],
+            "",
+        )
+        .await
+        else {
+            return false;
+        };
+        if a.status != 200 {
+            return false;
+        }
+        let s = a.json()["spans"].as_array().cloned().unwrap_or_default();
+        let done = has(&s, "gateway", "server", "POST")
+            && has(&s, "gateway", "client", "orders")
+            && has(&s, "orders", "server", "/api/orders")
+            && has(&s, "orders", "internal", "saga place-order step")
+            && has(&s, "inventory", "server", "")
+            && has(&s, "payments", "server", "")
+            && has(&s, "orders", "producer", "orders.events publish")
+            && has(&s, "shipping", "consumer", "orders.events process")
+            && has(&s, "notifications", "consumer", "process");
+        *found.lock().unwrap() = s;
+        done
+    })
+    .await;
+    let spans = found.into_inner().unwrap();
+    let names: Vec<String> = spans
+        .iter()
+        .map(|s| format!("{}:{}:{}", s["service"], s["kind"], s["name"]))
+        .collect();
+    assert!(complete, "trace {trace_id} is missing hops: {names:#?}");
+    // One tree: only the gateway's span hangs from outside it (from our caller).
+    let ids: Vec<&str> = spans.iter().filter_map(|s| s["span_id"].as_str()).collect();
+    let outside: Vec<&Value> = spans
+        .iter()
+        .filter(|s| {
+            !s["parent_span_id"]
+                .as_str()
+                .is_some_and(|p| ids.contains(&p))
+        })
+        .collect();
+    assert_eq!(outside.len(), 1, "{names:#?}");
+    assert_eq!(outside[0]["service"], "gateway");
+    assert_eq!(outside[0]["parent_span_id"], caller_span);
+
+    // `shoal trace` prints it as a waterfall.
+    let out = Command::new(bin_dir().join("shoal"))
+        .args(["trace", &trace_id, "--system"])
+        .arg(&shop.system)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with(&format!("trace {trace_id}: ")), "{text}");
+    assert!(text.contains("saga place-order step"), "{text}");
+    assert!(text.contains("orders.events publish (producer)"), "{text}");
+
+    // `shoal logs --trace`: the request's lines from every process it touched.
+    let services = || {
+        let out = Command::new(bin_dir().join("shoal"))
+            .args(["logs", "--json", "--trace", &trace_id, "--system"])
+            .arg(&shop.system)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut seen: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .inspect(|l| assert_eq!(l["trace_id"], trace_id.as_str(), "{l}"))
+            .filter_map(|l| l["service"].as_str().map(str::to_string))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    };
+    let want = [
+        "gateway",
+        "inventory",
+        "notifications",
+        "orders",
+        "payments",
+        "shipping",
+    ];
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let seen = services();
+            want.iter().all(|w| seen.iter().any(|s| s == w))
+        })
+        .await,
+        "logs of trace {trace_id} came from {:?}, not from all of {want:?}",
+        services()
+    );
+    (id, order)
 }
 
 /// What a test order is, its lines and card, and how it must end.
@@ -414,7 +566,9 @@ async fn check_invariants(
         );
     }
     let provider = shop.instance("payment-provider").await;
-    let captures = request(provider, Method::GET, "/v1/captures", &[], "")
+    let captures = shop
+        .operator
+        .get("payment-provider", provider, "/v1/captures")
         .await
         .unwrap()
         .json();
@@ -428,15 +582,15 @@ async fn check_invariants(
     let shipping = shop.instance("shipping").await;
     for (id, o) in orders {
         let charges = captured.remove(id.as_str()).unwrap_or_default();
-        let shipment = request(
-            shipping,
-            Method::GET,
-            &format!("/internal/shipments/by-order/{id}"),
-            &[],
-            "",
-        )
-        .await
-        .unwrap();
+        let shipment = shop
+            .operator
+            .get(
+                "shipping",
+                shipping,
+                &format!("/internal/shipments/by-order/{id}"),
+            )
+            .await
+            .unwrap();
         if o["status"] == "APPROVED" {
             assert_eq!(
                 charges,
@@ -593,6 +747,26 @@ async fn the_shop_keeps_its_contract_end_to_end() {
     .await;
     assert_eq!(moved.status, 200, "{}", moved.text());
     assert_eq!(moved.json()["status"], "committed");
+    // Both warehouses were reached over mTLS (the endpoints are https://).
+    let id = moved.json()["transfer_id"].as_str().unwrap().to_string();
+    let shown = shop
+        .call(
+            Method::GET,
+            &format!("/api/stock-transfers/{id}"),
+            Some(&admin),
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(shown.status, 200, "{}", shown.text());
+    let parts = shown.json()["transaction"]["participants"].clone();
+    assert_eq!(parts.as_array().map(Vec::len), Some(2), "{parts}");
+    for p in parts.as_array().unwrap() {
+        assert!(
+            p["endpoint"].as_str().unwrap().starts_with("https://"),
+            "{p}"
+        );
+    }
     *initial.get_mut("p-5").unwrap() += 5;
     assert_eq!(shop.stock(&alice, "p-5").await.0, initial["p-5"]);
     let refused = transfer(
@@ -801,15 +975,15 @@ async fn the_shop_keeps_its_contract_end_to_end() {
     // reached notifications, with no orchestrator between them.
     let notifications = shop.instance("notifications").await;
     let kinds = || async {
-        let a = request(
-            notifications,
-            Method::GET,
-            "/internal/notifications?customer_id=alice",
-            &[],
-            "",
-        )
-        .await
-        .unwrap();
+        let a = shop
+            .operator
+            .get(
+                "notifications",
+                notifications,
+                "/internal/notifications?customer_id=alice",
+            )
+            .await
+            .unwrap();
         a.json()
             .as_array()
             .unwrap()
@@ -827,6 +1001,47 @@ async fn the_shop_keeps_its_contract_end_to_end() {
         "notifications for {approved}: {:?}",
         kinds().await
     );
+
+    // Mutual TLS is on under the real shoal.toml: every instance registered as
+    // serving mTLS only (so the control plane probes and scrapes it over mTLS), a
+    // plain-HTTP request straight to one is refused before anything is read, and
+    // the same request with a certificate of the system's CA is served.
+    let registry = request(shop.cp, Method::GET, "/v1/services", &[], "")
+        .await
+        .unwrap()
+        .json();
+    for s in registry["services"].as_array().unwrap() {
+        for i in s["instances"].as_array().unwrap() {
+            assert_eq!(i["metadata"]["tls"], "mutual", "{}: {i}", s["name"]);
+        }
+    }
+    let path = "/internal/notifications?customer_id=alice";
+    let plain = request(notifications, Method::GET, path, &[], "").await;
+    assert!(plain.is_err(), "plain HTTP was served: {plain:?}");
+    let provider = shop.instance("payment-provider").await;
+    let plain = request(provider, Method::GET, "/v1/captures", &[], "").await;
+    assert!(plain.is_err(), "plain HTTP was served: {plain:?}");
+    let served = shop
+        .operator
+        .get("notifications", notifications, path)
+        .await
+        .unwrap();
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert!(served.json().as_array().is_some_and(|a| !a.is_empty()));
+    // The identity is checked both ways: a server that is not the service the
+    // client meant (notifications answering as payment-provider) is refused.
+    let wrong = shop
+        .operator
+        .get("payment-provider", notifications, "/health/live")
+        .await;
+    assert!(
+        wrong.is_err(),
+        "a server of another identity was trusted: {wrong:?}"
+    );
+
+    // One order is one trace, from the gateway to the shipment, and its logs are
+    // found by its trace id in every process it touched.
+    ended.push(one_order_is_one_trace(&shop, &alice).await);
 
     // Reviews come from the legacy system through the anti-corruption layer.
     let r = shop
@@ -1021,7 +1236,8 @@ async fn orders_end_and_the_invariants_hold_when_services_are_killed_mid_flight(
             let path = format!("/internal/shipments/by-order/{id}");
             assert!(
                 eventually(Duration::from_secs(30), || async {
-                    request(shipping_addr, Method::GET, &path, &[], "")
+                    shop.operator
+                        .get("shipping", shipping_addr, &path)
                         .await
                         .is_ok_and(|a| a.status == 200)
                 })
@@ -1187,7 +1403,8 @@ async fn a_seeded_chaos_run_keeps_every_invariant() {
             let path = format!("/internal/shipments/by-order/{id}");
             assert!(
                 eventually(Duration::from_secs(30), || async {
-                    request(shipping, Method::GET, &path, &[], "")
+                    shop.operator
+                        .get("shipping", shipping, &path)
                         .await
                         .is_ok_and(|a| a.status == 200)
                 })

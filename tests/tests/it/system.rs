@@ -59,6 +59,10 @@ impl Drop for Up {
     }
 }
 
+/// A small shop (catalog and inventory). No `[tls]` table: it runs on mutual TLS,
+/// `shoal up`'s default, like the real shop, so the restart below also shows a
+/// restarted replica coming back in mutual mode and passing the control plane's
+/// mTLS probes.
 fn write_system_file(dir: &Path, bins: &Path) -> PathBuf {
     let text = format!(
         r#"name = "shop under test"
@@ -197,7 +201,11 @@ async fn shoal_up_runs_the_shop_restarts_a_killed_service_and_stops_cleanly() {
             http_get(registry, "/v1/instances/catalog-1")
                 .await
                 .is_ok_and(|a| {
-                    a.status == 200 && a.json()["pid"] == new_pid && a.json()["healthy"] == true
+                    let i = a.json();
+                    a.status == 200
+                        && i["pid"] == new_pid
+                        && i["healthy"] == true
+                        && i["metadata"]["tls"] == "mutual"
                 })
         })
         .await,

@@ -1,4 +1,6 @@
-//! Helpers for tests of services: a plain HTTP client for one address.
+//! Helpers for tests of services: a plain HTTP client for one address, and
+//! [`TlsClient`], an mTLS client with a certificate of a control plane's CA for
+//! instances in mutual TLS mode.
 //!
 //! Tests talk to a service the way a client would, over real HTTP on 127.0.0.1.
 
@@ -304,3 +306,6 @@ impl Drop for ControlPlane {
 }
 
 pub mod contract;
+mod tls;
+
+pub use tls::TlsClient;

@@ -335,6 +335,15 @@ impl Tracer {
         kind: SpanKind,
         name: impl Into<String>,
     ) -> ActiveSpan {
+        // Every request asks for its server span: a disabled tracer makes nothing
+        // (no record, no wall-clock read), not a record it throws away.
+        if self.0.is_none() || context.flags & 1 == 0 {
+            return ActiveSpan {
+                tracer: Tracer::disabled(),
+                record: None,
+                started: std::time::Instant::now(),
+            };
+        }
         ActiveSpan {
             tracer: self.clone(),
             record: Some(SpanRecord {

@@ -17,6 +17,10 @@ pub struct RegistryConfig {
     pub state_file: Option<PathBuf>,
     /// Active health checks.
     pub health: HealthCheckConfig,
+    /// Keep the registry in etcd (`[control_plane.registry.etcd]`, or the system
+    /// file's `[backends] etcd`): control planes on several hosts then share one
+    /// catalog. See docs/registry-api.md#etcd.
+    pub etcd: Option<EtcdConfig>,
 }
 
 impl Default for RegistryConfig {
@@ -28,6 +32,7 @@ impl Default for RegistryConfig {
             max_wait_ms: 60_000,
             state_file: None,
             health: HealthCheckConfig::default(),
+            etcd: None,
         }
     }
 }
@@ -99,6 +104,61 @@ impl RegistryConfig {
         }
         if h.max_concurrent_probes == 0 {
             return bad("health.max_concurrent_probes", "must be positive");
+        }
+        if let Some(etcd) = &self.etcd {
+            etcd.validate("registry.etcd")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where and how the registry keeps its instances in etcd.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// etcd's client URLs (`http://127.0.0.1:2379`); tried in turn.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this system's instances: `<prefix>/instances/<id>`. Systems
+    /// sharing one etcd keep apart by prefix.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Longest one etcd request may take.
+    #[serde(default = "default_etcd_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_prefix() -> String {
+    "/shoal".into()
+}
+
+fn default_etcd_timeout_ms() -> u64 {
+    2_000
+}
+
+impl EtcdConfig {
+    /// Reject settings that cannot work, naming the key (`at`).
+    pub fn validate(&self, at: &str) -> Result<(), shoal_core::Error> {
+        let bad = |k: &str, why: String| Err(shoal_core::Error::config(format!("{at}.{k}: {why}")));
+        if self.endpoints.is_empty() || self.endpoints.len() > 16 {
+            return bad("endpoints", "must list 1 to 16 URLs".into());
+        }
+        for e in &self.endpoints {
+            let uri: Result<http::Uri, _> = e.parse();
+            if !uri.is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some()) {
+                return bad("endpoints", format!("{e:?} must be http://host:port"));
+            }
+        }
+        if !self.prefix.starts_with('/') || self.prefix.ends_with('/') || self.prefix.len() > 128 {
+            return bad(
+                "prefix",
+                format!(
+                    "{:?} must start with '/', not end with one, and be at most 128 bytes",
+                    self.prefix
+                ),
+            );
+        }
+        if self.timeout_ms == 0 {
+            return bad("timeout_ms", "must be positive".into());
         }
         Ok(())
     }

@@ -12,14 +12,19 @@
 //! Instances that serve mutual TLS only (metadata `tls = "mutual"`) are probed
 //! over mTLS with the control plane's identity ([`Registry::set_probe_tls`]).
 //!
+//! With `etcd` set ([`EtcdConfig`]) the registry is also kept in etcd: control
+//! planes on several hosts then share one catalog (leases for TTLs, a watch for
+//! the others' instances; see the `etcd` module).
+//!
 //! The HTTP/JSON API is documented in `docs/registry-api.md`.
 
 mod api;
 mod config;
+mod etcd;
 mod health;
 mod registry;
 mod store;
 
 pub use api::router;
-pub use config::{HealthCheckConfig, RegistryConfig};
+pub use config::{EtcdConfig, HealthCheckConfig, RegistryConfig};
 pub use registry::{ProbeClients, Registry, RegistryError};

@@ -33,7 +33,11 @@ struct Entry {
 
 #[derive(Default)]
 struct State {
+    /// Instances registered here.
     entries: BTreeMap<String, Entry>,
+    /// Instances other control planes registered, as etcd has them (etcd mode
+    /// only; `crate::etcd`). An id registered here shadows the same id there.
+    remote: BTreeMap<String, Instance>,
     index: u64,
 }
 
@@ -282,14 +286,76 @@ impl Registry {
             .collect()
     }
 
+    /// Instances registered here, with their leases (what etcd mode writes out).
+    pub(crate) fn local_instances(&self) -> Vec<(Instance, Duration)> {
+        self.lock()
+            .entries
+            .values()
+            .map(|e| (e.instance.clone(), e.ttl))
+            .collect()
+    }
+
+    /// A receiver of every new index.
+    pub(crate) fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Replace every remote instance (after a full read of etcd).
+    pub(crate) fn replace_remote(&self, mut remote: BTreeMap<String, Instance>) {
+        let max = self.inner.cfg.max_instances;
+        if remote.len() > max {
+            tracing::warn!(
+                remote = remote.len(),
+                max,
+                "more remote instances than max_instances; the rest are left out"
+            );
+            remote = remote.into_iter().take(max).collect();
+        }
+        let mut state = self.lock();
+        if state.remote != remote {
+            state.remote = remote;
+            self.changed(&mut state);
+        }
+    }
+
+    /// Add or change one remote instance.
+    pub(crate) fn upsert_remote(&self, instance: Instance) {
+        let mut state = self.lock();
+        if state.remote.get(&instance.id) == Some(&instance) {
+            return;
+        }
+        if !state.remote.contains_key(&instance.id)
+            && state.remote.len() >= self.inner.cfg.max_instances
+        {
+            tracing::warn!(id = %instance.id, "remote instance left out: max_instances reached");
+            return;
+        }
+        tracing::debug!(id = %instance.id, service = %instance.service, "remote instance");
+        state.remote.insert(instance.id.clone(), instance);
+        self.changed(&mut state);
+    }
+
+    /// Remove one remote instance.
+    pub(crate) fn remove_remote(&self, id: &str) {
+        let mut state = self.lock();
+        if state.remote.remove(id).is_some() {
+            self.changed(&mut state);
+        }
+    }
+
     /// The current index.
     pub fn index(&self) -> u64 {
         self.lock().index
     }
 
-    /// One instance.
+    /// One instance (registered here, or through another control plane in etcd mode).
     pub fn instance(&self, id: &str) -> Option<Instance> {
-        self.lock().entries.get(id).map(|e| e.instance.clone())
+        let state = self.lock();
+        state
+            .entries
+            .get(id)
+            .map(|e| e.instance.clone())
+            .or_else(|| state.remote.get(id).cloned())
     }
 
     /// The whole catalog now.
@@ -301,6 +367,17 @@ impl Registry {
                 .entry(e.instance.service.as_str())
                 .or_default()
                 .push(e.instance.clone());
+        }
+        for i in state.remote.values() {
+            if !state.entries.contains_key(&i.id) {
+                services
+                    .entry(i.service.as_str())
+                    .or_default()
+                    .push(i.clone());
+            }
+        }
+        for instances in services.values_mut() {
+            instances.sort_by(|a, b| a.id.cmp(&b.id));
         }
         Catalog {
             index: state.index,
@@ -345,10 +422,20 @@ impl Registry {
         };
         let probe = crate::health::run(self.clone());
         let persist = self.run_writer();
+        let etcd = {
+            let reg = self.clone();
+            async move {
+                match reg.inner.cfg.etcd.clone() {
+                    Some(cfg) => crate::etcd::run(reg, cfg).await,
+                    None => std::future::pending().await,
+                }
+            }
+        };
         tokio::select! {
             _ = sweep => {}
             _ = probe => {}
             _ = persist => {}
+            _ = etcd => {}
             _ = shutdown => {}
         }
         if let Err(e) = self.write_state().await {

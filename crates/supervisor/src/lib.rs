@@ -12,12 +12,14 @@
 //! into `<state_dir>/logs/<name>.log`, rotated by size and pruned by count and age
 //! (`[supervisor.logs]`, [`LogStoreConfig`]); `shoal logs` reads it.
 
+mod backends;
 mod logstore;
 mod process;
 mod state;
 mod system;
 mod up;
 
+pub use backends::{schema_name, Backends, JetStreamBackend, OtlpBackend, PostgresBackend};
 pub use logstore::LogStoreConfig;
 pub use state::{ProcessState, UpState};
 pub use system::{BuildSpec, ServiceSpec, SupervisorConfig, SystemFile, SystemTls};

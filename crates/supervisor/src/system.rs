@@ -27,6 +27,10 @@ pub struct SystemFile {
     /// Service-to-service mutual TLS of the whole system (`[tls]`): on by default.
     #[serde(default)]
     pub tls: SystemTls,
+    /// Distributed engines that replace the embedded defaults (`[backends]`: etcd,
+    /// NATS JetStream, PostgreSQL, an OTLP endpoint).
+    #[serde(default)]
+    pub backends: crate::Backends,
     /// The services, by name.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSpec>,
@@ -198,11 +202,30 @@ impl SystemFile {
         if !ca_domain_set {
             sys.control_plane.ca.trust_domain = sys.tls.trust_domain.clone();
         }
+        // `[backends]` fills in the parts' own keys where the file leaves them out.
+        if sys.control_plane.registry.etcd.is_none() {
+            sys.control_plane.registry.etcd = sys.backends.etcd.clone();
+        }
+        if let Some(otlp) = &sys.backends.otlp {
+            if sys.gateway.tracing.endpoint.is_none() {
+                sys.gateway.tracing.endpoint = Some(otlp.endpoint.clone());
+            }
+        }
+        let broker_enabled_set = raw
+            .get("control_plane")
+            .and_then(|t| t.get("broker"))
+            .and_then(|t| t.as_table())
+            .is_some_and(|t| t.contains_key("enabled"));
+        if sys.backends.jetstream.is_some() && !broker_enabled_set {
+            // Every service's bus is JetStream: the embedded broker would serve no one.
+            sys.control_plane.broker.enabled = false;
+        }
         Ok(sys)
     }
 
     /// Check what deserialisation cannot.
     pub fn validate(&self) -> Result<(), Error> {
+        self.backends.validate()?;
         shoal_tls::validate_trust_domain(&self.tls.trust_domain)
             .map_err(|e| Error::config(format!("tls.trust_domain: {e}")))?;
         if self.tls.is_mutual() {

@@ -25,6 +25,70 @@ pub struct UpOptions {
     pub no_build: bool,
     /// The `shoal` executable that runs the control plane and gateway.
     pub shoal_exe: PathBuf,
+    /// Run only these parts of the system file: service entries by name, and
+    /// `gateway` for the gateway (one service per host). `None` runs everything.
+    pub only: Option<Vec<String>>,
+    /// Join the control plane at this URL instead of starting one here: this
+    /// host's services register there (`http://10.0.0.5:7070`).
+    pub join: Option<String>,
+}
+
+impl UpOptions {
+    /// Whether `part` (a service entry, or `gateway`) runs on this host.
+    fn runs(&self, part: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|p| p == part))
+    }
+}
+
+/// The instance id of replica `n` of entry `svc`: `catalog-1`, or `catalog-1-3fa2c1`
+/// with a host tag.
+fn instance_id(svc: &str, n: u32, host: Option<&str>) -> String {
+    match host {
+        Some(tag) => format!("{svc}-{n}-{tag}"),
+        None => format!("{svc}-{n}"),
+    }
+}
+
+/// Six hex digits naming this host and system folder, the same at every start
+/// (FNV-1a of the host name and the state folder's path).
+fn host_tag(state_dir: &Path) -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name
+        .trim()
+        .bytes()
+        .chain(state_dir.to_string_lossy().bytes())
+    {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{:06x}", h & 0x00ff_ffff)
+}
+
+/// Check `--only` and `--join` against the system file.
+fn check_selection(sys: &SystemFile, opts: &UpOptions) -> Result<(), Error> {
+    if let Some(only) = &opts.only {
+        if only.is_empty() {
+            return Err(Error::config(
+                "--only: name at least one service (or gateway)",
+            ));
+        }
+        for part in only {
+            if part != "gateway" && !sys.services.contains_key(part) {
+                let known: Vec<&str> = sys.services.keys().map(String::as_str).collect();
+                return Err(Error::config(format!(
+                    "--only: no service {part:?} in the system file (it has gateway, {})",
+                    known.join(", ")
+                )));
+            }
+        }
+    }
+    if let Some(url) = &opts.join {
+        RegistryClient::new(url).map_err(|e| Error::config(format!("--join: {}", e.message())))?;
+    }
+    Ok(())
 }
 
 /// A concrete, free address for a configured one: port 0 becomes a free port chosen
@@ -84,14 +148,25 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
         Error::config(format!("cannot create {}", log_dir.display())).with_source(e)
     })?;
     let name = sys.name.clone().unwrap_or_else(|| "system".into());
+    check_selection(&sys, &opts)?;
+    let run_cp = opts.join.is_none();
+    let run_gw = opts.runs("gateway");
 
     // Checked before the build, so a busy port fails in a second, not after minutes.
-    let cp_addr = concrete("control plane", sys.control_plane.listen)?;
-    let gw_addr = concrete("gateway", sys.gateway.listen)?;
+    let cp_addr = if run_cp {
+        concrete("control plane", sys.control_plane.listen)?
+    } else {
+        sys.control_plane.listen
+    };
+    let gw_addr = if run_gw {
+        concrete("gateway", sys.gateway.listen)?
+    } else {
+        sys.gateway.listen
+    };
     // The broker's port is the control plane's to pick when it is 0 (it reports it
     // at `/v1/broker`); a fixed one must be free too.
     let broker = &sys.control_plane.broker;
-    if broker.enabled && broker.listen.port() != 0 {
+    if run_cp && broker.enabled && broker.listen.port() != 0 {
         concrete("broker", broker.listen)?;
     }
 
@@ -113,7 +188,16 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
         }
     }
 
-    let cp_url = format!("http://{cp_addr}");
+    // Instance ids are stable per replica (a restarted process replaces its own
+    // stale entry). When several hosts share one catalog (a joined control plane,
+    // or etcd) they also carry a tag of this host and system folder, so two hosts'
+    // `catalog-1` do not take each other's place.
+    let shared = opts.join.is_some() || opts.only.is_some() || sys.backends.etcd.is_some();
+    let host = shared.then(|| host_tag(&state_dir));
+    let cp_url = match &opts.join {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => format!("http://{cp_addr}"),
+    };
     let gw_url = format!("http://{gw_addr}");
     let exe = opts.shoal_exe.display().to_string();
     let sys_arg = system_file.display().to_string();
@@ -151,12 +235,15 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
         log: log_dir.join("gateway.log"),
     };
     let mut service_specs = Vec::new();
-    for (svc, spec) in &sys.services {
+    for (svc, spec) in sys.services.iter().filter(|(k, _)| opts.runs(k)) {
         for replica in 1..=spec.replicas {
             let mut env = vec![
                 ("SHOAL_REGISTRY_URL".to_string(), cp_url.clone()),
                 // Stable per replica: a restarted process replaces its own stale entry.
-                ("SHOAL_INSTANCE_ID".to_string(), format!("{svc}-{replica}")),
+                (
+                    "SHOAL_INSTANCE_ID".to_string(),
+                    instance_id(svc, replica, host.as_deref()),
+                ),
                 (
                     "SHOAL_DATA_DIR".to_string(),
                     state_dir
@@ -186,6 +273,9 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
                     sys.tls.trust_domain.clone(),
                 ));
             }
+            // The system's distributed engines (`[backends]`), before the entry's
+            // own `env`, which wins.
+            env.extend(sys.backends.service_env(spec.registers_as(svc)));
             env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
             let mut argv = spec.command.clone();
             if argv[0].contains('/') {
@@ -202,8 +292,10 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
         }
     }
 
-    let all: Vec<&ProcSpec> = std::iter::once(&cp_spec)
-        .chain(std::iter::once(&gw_spec))
+    let all: Vec<&ProcSpec> = run_cp
+        .then_some(&cp_spec)
+        .into_iter()
+        .chain(run_gw.then_some(&gw_spec))
         .chain(service_specs.iter())
         .collect();
     let board = Board {
@@ -237,25 +329,35 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
     let cfg = sys.supervisor.clone();
 
     let interrupted = async {
-        eprintln!("shoal: starting control plane on {cp_url}");
-        cp_tasks.spawn(supervise(
-            cp_spec.clone(),
-            cfg.clone(),
-            board.clone(),
-            stop_cp_rx,
-        ));
         let live = format!("{cp_url}/health/live");
-        wait_until(Duration::from_secs(30), || get_ok(&client, &live)).await;
+        if run_cp {
+            eprintln!("shoal: starting control plane on {cp_url}");
+            cp_tasks.spawn(supervise(
+                cp_spec.clone(),
+                cfg.clone(),
+                board.clone(),
+                stop_cp_rx,
+            ));
+        } else {
+            eprintln!("shoal: joining the control plane at {cp_url}");
+        }
+        if !wait_until(Duration::from_secs(30), || get_ok(&client, &live)).await && !run_cp {
+            // The services would start, fail to register and crash-loop: say why.
+            eprintln!("shoal: the control plane at {cp_url} does not answer; services start anyway and retry");
+        }
+        if run_gw {
+            eprintln!("shoal: starting gateway on {gw_url}");
+            gw_tasks.spawn(supervise(
+                gw_spec.clone(),
+                cfg.clone(),
+                board.clone(),
+                stop_gw_rx,
+            ));
+        }
         eprintln!(
-            "shoal: starting gateway on {gw_url} and {} service process(es)",
+            "shoal: starting {} service process(es)",
             service_specs.len()
         );
-        gw_tasks.spawn(supervise(
-            gw_spec.clone(),
-            cfg.clone(),
-            board.clone(),
-            stop_gw_rx,
-        ));
         for spec in &service_specs {
             svc_tasks.spawn(supervise(
                 spec.clone(),
@@ -266,6 +368,8 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
         }
         let ready = wait_ready(
             &sys,
+            &opts,
+            host.as_deref(),
             &cp_url,
             &gw_url,
             &client,
@@ -275,6 +379,7 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
         print_summary(
             &name,
             &sys,
+            &opts,
             &board,
             &gw_url,
             &cp_url,
@@ -318,6 +423,8 @@ where
 
 async fn wait_ready(
     sys: &SystemFile,
+    opts: &UpOptions,
+    host: Option<&str>,
     cp_url: &str,
     gw_url: &str,
     client: &Client<HttpConnector, Empty<Bytes>>,
@@ -332,14 +439,15 @@ async fn wait_ready(
         };
         // Each entry's own replicas, by their stable instance ids: two entries
         // that register as one service (two versions) are counted apart.
-        let all_up = sys.services.iter().all(|(key, spec)| {
+        let mut mine = sys.services.iter().filter(|(k, _)| opts.runs(k));
+        let all_up = mine.all(|(key, spec)| {
             let instances = catalog.instances(spec.registers_as(key));
             (1..=spec.replicas).all(|n| {
-                let id = format!("{key}-{n}");
+                let id = instance_id(key, n, host);
                 instances.iter().any(|i| i.healthy && i.id == id)
             })
         });
-        all_up && get_ok(client, &format!("{gw_url}/health/ready")).await
+        all_up && (!opts.runs("gateway") || get_ok(client, &format!("{gw_url}/health/ready")).await)
     })
     .await
 }
@@ -348,6 +456,7 @@ async fn wait_ready(
 fn print_summary(
     name: &str,
     sys: &SystemFile,
+    opts: &UpOptions,
     board: &Board,
     gw_url: &str,
     cp_url: &str,
@@ -368,8 +477,11 @@ fn print_summary(
             took.as_secs_f64()
         );
     }
-    eprintln!("  {:<16} {gw_url}", "gateway");
-    eprintln!("  {:<16} {cp_url}", "control plane");
+    if opts.runs("gateway") {
+        eprintln!("  {:<16} {gw_url}", "gateway");
+    }
+    let joined = if opts.join.is_some() { " (joined)" } else { "" };
+    eprintln!("  {:<16} {cp_url}{joined}", "control plane");
     if sys.tls.is_mutual() {
         eprintln!(
             "  {:<16} mutual TLS between gateway and services ({})",
@@ -382,7 +494,7 @@ fn print_summary(
     if broker.enabled && broker.listen.port() != 0 {
         eprintln!("  {:<16} {} (message bus)", "broker", broker.listen);
     }
-    for svc in sys.services.keys() {
+    for svc in sys.services.keys().filter(|k| opts.runs(k)) {
         let pids: Vec<String> = st
             .processes
             .iter()

@@ -5,6 +5,7 @@
 //! test run by hand starts them on first use.
 
 pub mod bus;
+pub mod etcd;
 pub mod nats;
 pub mod postgres;
 

@@ -53,3 +53,25 @@ pub async fn fresh_database() -> String {
     admin_exec("postgres", &format!("CREATE DATABASE {name}")).await;
     url_for("postgres", &name)
 }
+
+/// The first column (as text) of every row `sql` returns on the database at `url`.
+///
+/// # Panics
+/// When the server refuses it.
+pub async fn query_strings(url: &str, sql: &str) -> Vec<String> {
+    use sqlx::Row;
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL: {e}"));
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let _ = conn.close().await;
+    rows.iter()
+        .map(|r| {
+            r.try_get::<String, _>(0)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        })
+        .collect()
+}

@@ -25,12 +25,15 @@ fn repo() -> PathBuf {
 }
 
 /// The shop's own system file, changed only where a test must: free ports, fast
-/// health checks, the debug binaries, absolute paths, limits out of the way, and
-/// `extra_env` for some services.
-fn system_file(dir: &Path, extra_env: &[(&str, &str, &str)]) -> PathBuf {
+/// health checks, the debug binaries, absolute paths, limits out of the way,
+/// `extra_env` for some services, and the `[backends]` table, if any.
+fn system_file(dir: &Path, extra_env: &[(&str, &str, &str)], backends: &Backends) -> PathBuf {
     let text = std::fs::read_to_string(repo().join("shoal.toml")).unwrap();
     let mut sys: toml::Table = toml::from_str(&text).unwrap();
     sys.remove("build");
+    if let Some(b) = &backends.table {
+        sys.insert("backends".into(), toml::Value::Table(b.clone()));
+    }
     let table = |v: &mut toml::Table, k: &str| -> toml::Table {
         v.get(k)
             .and_then(|t| t.as_table())
@@ -38,7 +41,10 @@ fn system_file(dir: &Path, extra_env: &[(&str, &str, &str)]) -> PathBuf {
             .unwrap_or_default()
     };
     let mut cp = table(&mut sys, "control_plane");
-    cp.insert("listen".into(), "127.0.0.1:0".into());
+    let listen = backends
+        .control_plane
+        .map_or("127.0.0.1:0".to_string(), |a| a.to_string());
+    cp.insert("listen".into(), listen.into());
     cp.insert(
         "registry".into(),
         toml::Value::Table(toml::from_str("[health]\ninterval_ms = 200").unwrap()),
@@ -129,11 +135,24 @@ struct Shop {
     operator: TlsClient,
 }
 
+/// Distributed engines for the shop instead of the embedded ones.
+#[derive(Default)]
+struct Backends {
+    /// The `[backends]` table.
+    table: Option<toml::Table>,
+    /// A fixed control-plane address (the OTLP endpoint names it).
+    control_plane: Option<SocketAddr>,
+}
+
 async fn up(tag: &str, extra_env: &[(&str, &str, &str)]) -> Shop {
+    up_on(tag, extra_env, &Backends::default()).await
+}
+
+async fn up_on(tag: &str, extra_env: &[(&str, &str, &str)], backends: &Backends) -> Shop {
     let one = ONE_SYSTEM_AT_A_TIME.lock().await;
     build_binaries();
     let dir = temp_dir(tag);
-    let system = system_file(&dir, extra_env);
+    let system = system_file(&dir, extra_env, backends);
     let child = Command::new(bin_dir().join("shoal"))
         .args(["up", "--no-build", "--system"])
         .arg(&system)
@@ -630,8 +649,98 @@ async fn initial_stock(shop: &Shop, token: &str) -> BTreeMap<String, i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_keeps_its_contract_end_to_end() {
-    let shop = up("shop", &[]).await;
+    contract_end_to_end(up("shop", &[]).await).await;
+}
 
+/// The same contract with every embedded engine replaced by configuration alone
+/// (`[backends]`): the registry in etcd, every service's bus on NATS JetStream,
+/// every service's database a schema of its own in PostgreSQL, and spans sent to
+/// an OTLP/HTTP endpoint (the control plane's collector, named as any other
+/// receiver would be). The servers are the real ones, started by the scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_keeps_its_contract_on_etcd_nats_and_postgres() {
+    let cp = free_local_addr();
+    let database = shoal_testkit::postgres::fresh_database().await;
+    let prefix = shoal_testkit::etcd::unique_prefix();
+    let table: toml::Table = toml::from_str(&format!(
+        r#"
+        etcd = {{ endpoints = ["{etcd}"], prefix = "{prefix}" }}
+        jetstream = {{ url = "{nats}" }}
+        postgres = {{ url = "{database}" }}
+        otlp = {{ endpoint = "http://{cp}/v1/traces" }}
+        "#,
+        etcd = shoal_testkit::etcd::url(),
+        nats = shoal_testkit::nats::url(),
+    ))
+    .unwrap();
+    let backends = Backends {
+        table: Some(table),
+        control_plane: Some(cp),
+    };
+    let shop = up_on("shop-backends", &[], &backends).await;
+    // The engines really are in use: the registry's instances are in etcd, the
+    // services' tables in their own schemas, the control plane runs no broker.
+    let broker = request(shop.cp, Method::GET, "/v1/broker", &[], "")
+        .await
+        .unwrap();
+    assert_ne!(broker.status, 200, "{}", broker.text());
+    let in_etcd = etcd_keys(&format!("{prefix}/instances/")).await;
+    for s in ["orders", "inventory", "payments", "identity", "catalog"] {
+        assert!(
+            in_etcd
+                .iter()
+                .any(|k| k.contains(&format!("/instances/{s}-"))),
+            "{s} not registered in etcd: {in_etcd:?}"
+        );
+    }
+    contract_end_to_end(shop).await;
+    let schemas = shoal_testkit::postgres::query_strings(
+        &database,
+        "SELECT schema_name FROM information_schema.schemata",
+    )
+    .await;
+    for s in [
+        "orders",
+        "inventory",
+        "payments",
+        "payment_provider",
+        "catalog",
+        "shipping",
+    ] {
+        assert!(schemas.iter().any(|x| x == s), "no schema {s}: {schemas:?}");
+    }
+}
+
+/// The keys under `prefix` in the test etcd (through its JSON gateway).
+async fn etcd_keys(prefix: &str) -> Vec<String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().unwrap() += 1;
+    let url = shoal_testkit::etcd::url();
+    let addr: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let body =
+        json!({ "key": b64.encode(prefix), "range_end": b64.encode(end), "keys_only": true });
+    let a = request(addr, Method::POST, "/v3/kv/range", &[], body.to_string())
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.text());
+    let v: Value = serde_json::from_str(&a.text()).unwrap();
+    v["kvs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|kv| String::from_utf8(b64.decode(kv["key"].as_str().unwrap()).unwrap()).unwrap())
+        .collect()
+}
+
+/// A free port on loopback, for a part whose address must be known beforehand.
+fn free_local_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn contract_end_to_end(shop: Shop) {
     // `shoal status --json`: every service, catalog in two versions.
     let out = Command::new(bin_dir().join("shoal"))
         .args(["status", "--json", "--system"])

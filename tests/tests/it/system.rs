@@ -259,3 +259,174 @@ async fn shoal_up_runs_the_shop_restarts_a_killed_service_and_stops_cleanly() {
         assert!(!alive(pid), "process {pid} outlived shoal up");
     }
 }
+
+/// Start `shoal up` on `system` with extra arguments (`--only …`, `--join …`).
+fn up_part(dir: &Path, system: &Path, args: &[&str]) -> Up {
+    let child = Command::new(bin_dir().join("shoal"))
+        .args(["up", "--no-build", "--system"])
+        .arg(system)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start shoal up");
+    Up {
+        child,
+        state: dir.join(".shoal/up.json"),
+    }
+}
+
+fn addr_of(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://").parse().unwrap()
+}
+
+/// The ids of the healthy `catalog` instances the registry at `cp` serves.
+async fn catalog_ids(cp: SocketAddr) -> Vec<String> {
+    let Ok(a) = http_get(cp, "/v1/services/catalog").await else {
+        return Vec::new();
+    };
+    let v = a.json();
+    let mut ids: Vec<String> = v["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["healthy"] == true)
+        .map(|i| i["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// One service per host: three "hosts" (three system folders on this machine)
+/// run parts of one system. Host A runs the gateway and inventory with a control
+/// plane that keeps its registry in etcd; host B runs only the catalog, with its
+/// own control plane on the same etcd; host C runs only the catalog too and joins
+/// host A's control plane instead of starting one. A's gateway serves the catalog
+/// from B and C; when host B dies whole (`kill -9` of its `shoal up`, which takes
+/// its processes with it) its instances leave A's catalog once their etcd leases
+/// run out, and C's keep serving. The hosts share one CA (its folder copied to
+/// each host in a real deployment), so mutual TLS holds across them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_share_one_catalog_through_etcd_or_a_joined_control_plane() {
+    let _one = ONE_SYSTEM_AT_A_TIME.lock().await;
+    build_binaries();
+    let bins = bin_dir();
+    let ca = temp_dir("hosts-ca");
+    let prefix = shoal_testkit::etcd::unique_prefix();
+    let host = |tag: &str| {
+        let dir = temp_dir(tag);
+        let path = write_system_file(&dir, &bins);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text = text.replace(
+            "[control_plane.broker]",
+            &format!(
+                "[control_plane.ca]\ndir = \"{}\"\n[control_plane.broker]",
+                ca.display()
+            ),
+        );
+        text.push_str(&format!(
+            "\n[backends]\netcd = {{ endpoints = [\"{}\"], prefix = \"{prefix}\" }}\n",
+            shoal_testkit::etcd::url()
+        ));
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    };
+    let (dir_a, sys_a) = host("host-a");
+    let (dir_b, sys_b) = host("host-b");
+    let (dir_c, sys_c) = host("host-c");
+
+    let a = up_part(&dir_a, &sys_a, &["--only", "gateway,inventory"]);
+    assert!(
+        eventually(Duration::from_secs(30), || async { a.state().is_some() }).await,
+        "host A: no up.json"
+    );
+    let state = a.state().unwrap();
+    let (cp_a, gw) = (addr_of(&state.control_plane), addr_of(&state.gateway));
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            http_get(cp_a, "/health/live")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await,
+        "host A's control plane not live"
+    );
+    // Only what was asked for runs on host A.
+    let names: Vec<String> = state.processes.iter().map(|p| p.name.clone()).collect();
+    assert!(!names.iter().any(|n| n.starts_with("catalog")), "{names:?}");
+
+    let b = up_part(&dir_b, &sys_b, &["--only", "catalog"]);
+    let c = up_part(
+        &dir_c,
+        &sys_c,
+        &["--only", "catalog", "--join", &format!("http://{cp_a}")],
+    );
+    // Four catalog instances in host A's catalog: two through etcd, two joined.
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            catalog_ids(cp_a).await.len() == 4
+        })
+        .await,
+        "host A sees {:?}",
+        catalog_ids(cp_a).await
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            http_get(gw, "/api/products")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await,
+        "host A's gateway does not serve the catalog from the other hosts"
+    );
+    let c_state = c.state().unwrap();
+    assert_eq!(c_state.control_plane, format!("http://{cp_a}"));
+    assert!(
+        !c_state.processes.iter().any(|p| p.name == "control-plane"),
+        "a joined host runs no control plane: {:?}",
+        c_state.processes
+    );
+    // Host B's instances are in its own catalog too (it is a registry like A's).
+    let cp_b = addr_of(&b.state().unwrap().control_plane);
+    assert_eq!(catalog_ids(cp_b).await.len(), 4);
+
+    // Host B dies whole.
+    let b_ids: Vec<String> = {
+        let own = http_get(cp_b, "/v1/services/catalog").await.unwrap().json();
+        let c_ids = catalog_ids(cp_a).await;
+        let mut mine: Vec<String> = own["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect();
+        mine.sort();
+        assert_eq!(mine, c_ids);
+        // Both registries list the same four. Ids carry a host tag, so B's and
+        // C's `catalog-1` are two instances, not one taking the other's place.
+        let tags: std::collections::BTreeSet<&str> = mine
+            .iter()
+            .map(|id| id.rsplit('-').next().unwrap())
+            .collect();
+        assert_eq!(tags.len(), 2, "{mine:?}");
+        mine
+    };
+    let mut b = b;
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    // The default lease is 10 s; the leases of B's instances run out in etcd.
+    assert!(
+        eventually(Duration::from_secs(40), || async {
+            catalog_ids(cp_a).await.len() == 2
+        })
+        .await,
+        "host B's instances still in host A's catalog: {:?} (B had {b_ids:?})",
+        catalog_ids(cp_a).await
+    );
+    for _ in 0..20 {
+        let r = http_get(gw, "/api/products").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    drop(c);
+    drop(a);
+}

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod chaos;
+mod deploy;
 mod log_level;
 mod logs;
+mod sidecar;
 mod status;
 mod trace;
 
@@ -43,6 +45,21 @@ fn cli() -> Command {
                         .long("no-build")
                         .action(ArgAction::SetTrue)
                         .help("Skip the build step"),
+                )
+                .arg(
+                    Arg::new("only")
+                        .long("only")
+                        .value_name("PARTS")
+                        .value_delimiter(',')
+                        .help(
+                            "Run only these services (and `gateway`), e.g. --only orders,payments",
+                        ),
+                )
+                .arg(
+                    Arg::new("join")
+                        .long("join")
+                        .value_name("URL")
+                        .help("Register with the control plane at URL instead of starting one"),
                 ),
         )
         .subcommand(
@@ -58,9 +75,11 @@ fn cli() -> Command {
                 ),
         )
         .subcommand(chaos::command(system.clone(), registry.clone()))
+        .subcommand(deploy::command(system.clone()))
         .subcommand(logs::command(system.clone()))
         .subcommand(log_level::command(system.clone(), registry.clone()))
         .subcommand(trace::command(system.clone(), registry.clone()))
+        .subcommand(sidecar::command())
         .subcommand(
             Command::new("control-plane")
                 .about("Run the control plane (service registry)")
@@ -182,6 +201,8 @@ async fn up(m: &ArgMatches) -> Result<(), Error> {
         system_file,
         no_build: m.get_flag("no-build"),
         shoal_exe,
+        only: m.get_many::<String>("only").map(|v| v.cloned().collect()),
+        join: m.get_one::<String>("join").cloned(),
     })
     .await
 }
@@ -193,9 +214,11 @@ async fn main() -> ExitCode {
         Some(("up", m)) => up(m).await,
         Some(("status", m)) => status::run(m).await,
         Some(("chaos", m)) => chaos::run(m).await,
+        Some(("deploy", m)) => deploy::run(m).await,
         Some(("logs", m)) => logs::run(m).await,
         Some(("log-level", m)) => log_level::run(m).await,
         Some(("trace", m)) => trace::run(m).await,
+        Some(("sidecar", m)) => sidecar::run(m).await,
         Some(("control-plane", m)) => control_plane(m).await,
         Some(("gateway", m)) => gateway(m).await,
         _ => Err(Error::config("unknown command; see shoal --help")),

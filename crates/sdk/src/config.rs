@@ -17,6 +17,11 @@ pub struct ServiceConfig {
     pub listen: SocketAddr,
     /// Address to register when listening on 0.0.0.0 or ::.
     pub advertise_ip: Option<IpAddr>,
+    /// A second, plain-HTTP address answering only `/health/live` and
+    /// `/health/ready` (`SHOAL_HEALTH_LISTEN`): under mutual TLS the main address
+    /// refuses any caller without a certificate of the CA, and Kubernetes' kubelet
+    /// probes present none. Off when absent.
+    pub health_listen: Option<SocketAddr>,
     /// The control plane's registry.
     pub registry_url: String,
     /// Register with the registry at all (off for a service run alone).
@@ -78,6 +83,7 @@ impl Default for ServiceConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise_ip: None,
+            health_listen: None,
             registry_url: "http://127.0.0.1:7070".into(),
             register: true,
             ttl_ms: 10_000,
@@ -197,6 +203,13 @@ impl ServiceConfig {
         let bad = |k: &str, why: &str| Err(shoal_core::Error::config(format!("{k}: {why}")));
         if self.listen.ip().is_unspecified() && self.advertise_ip.is_none() {
             return bad("advertise_ip", "required when listen is 0.0.0.0 or ::");
+        }
+        if let Some(h) = self.health_listen {
+            // Two free ports (both port 0) are two addresses; one fixed port cannot
+            // serve both TLS and plain HTTP.
+            if h == self.listen && h.port() != 0 {
+                return bad("health_listen", "must differ from listen");
+            }
         }
         if self.body_limit_bytes == 0 {
             return bad("body_limit_bytes", "must be positive");

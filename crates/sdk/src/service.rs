@@ -490,6 +490,21 @@ impl Service {
             checks: Arc::new(self.checks),
             draining: draining.clone(),
         };
+        // Plain-HTTP probes for callers without a certificate (kubelet): docs/service-config.md.
+        let health_server = match cfg.health_listen {
+            Some(listen) => {
+                let h = health::HealthServer::start(
+                    listen,
+                    health.clone(),
+                    ctx.metrics().clone(),
+                    ctx.clone(),
+                )
+                .await?;
+                tracing::info!(addr = %h.addr(), "health port listening");
+                Some(h)
+            }
+            None => None,
+        };
         let telemetry = Arc::new(ServerTelemetry {
             metrics,
             served_by: if cfg.served_by_header {
@@ -606,6 +621,7 @@ impl Service {
             grace: Duration::from_millis(cfg.deregister_grace_ms),
             drain: Duration::from_millis(cfg.shutdown_drain_ms),
             _tls: tls,
+            health: health_server,
         })
     }
 }
@@ -627,12 +643,19 @@ pub struct RunningService {
     drain: Duration,
     /// The certificate and its renewal task (mutual TLS only).
     _tls: Option<shoal_tls::Renewal>,
+    /// The plain-HTTP health port (`health_listen`); stops when dropped.
+    health: Option<health::HealthServer>,
 }
 
 impl RunningService {
     /// The address it serves on (as registered).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the plain-HTTP health port listens (`health_listen`), if configured.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(|h| h.addr())
     }
 
     /// Its context (database, clients).

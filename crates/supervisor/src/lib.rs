@@ -22,5 +22,5 @@ mod up;
 pub use backends::{schema_name, Backends, JetStreamBackend, OtlpBackend, PostgresBackend};
 pub use logstore::LogStoreConfig;
 pub use state::{ProcessState, UpState};
-pub use system::{BuildSpec, ServiceSpec, SupervisorConfig, SystemFile, SystemTls};
+pub use system::{BuildSpec, ServiceSpec, SidecarSpec, SupervisorConfig, SystemFile, SystemTls};
 pub use up::{up, UpOptions};

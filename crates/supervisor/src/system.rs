@@ -101,6 +101,24 @@ pub struct ServiceSpec {
     /// canary or blue-green pair run from one binary.
     #[serde(default)]
     pub version: Option<String>,
+    /// Run the service's `command` as an app in any language behind `shoal sidecar`
+    /// (docs/sidecar.md): the app gets `PORT` and `SHOAL_SIDECAR_URL`, the sidecar
+    /// registers, serves mTLS and calls out for it.
+    #[serde(default)]
+    pub sidecar: Option<SidecarSpec>,
+}
+
+/// A service entry's `sidecar = { … }`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarSpec {
+    /// The app's health path: its 2xx answer is the instance's readiness.
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+}
+
+fn default_health_path() -> String {
+    "/health".into()
 }
 
 impl ServiceSpec {
@@ -272,6 +290,13 @@ impl SystemFile {
                     "services.{name}.version: must be 1 to 64 characters"
                 )));
             }
+            if let Some(sc) = &s.sidecar {
+                if !sc.health_path.starts_with('/') || sc.health_path.len() > 256 {
+                    return Err(Error::config(format!(
+                        "services.{name}.sidecar.health_path: must start with / (at most 256 characters)"
+                    )));
+                }
+            }
             for k in s.env.keys() {
                 if k.is_empty() || k.contains('=') || k.contains('\0') {
                     return Err(Error::config(format!(
@@ -429,5 +454,23 @@ mod tests {
         let v2 = &s.services["catalog-v2"];
         assert_eq!(v2.registers_as("catalog-v2"), "catalog");
         assert_eq!(v2.version.as_deref(), Some("2.0.0"));
+    }
+
+    #[test]
+    fn a_sidecar_entry_is_read_and_checked() {
+        let s =
+            parse("[services.rec]\ncommand = [\"python3\", \"app.py\"]\nsidecar = {}\n").unwrap();
+        assert_eq!(
+            s.services["rec"].sidecar.as_ref().unwrap().health_path,
+            "/health"
+        );
+        let e = parse("[services.rec]\ncommand = [\"x\"]\nsidecar = { health_path = \"ok\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("services.rec.sidecar.health_path"), "{e}");
+        let e = parse("[services.rec]\ncommand = [\"x\"]\nsidecar = { health = \"/ok\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("health"), "{e}");
     }
 }

@@ -151,6 +151,12 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
     check_selection(&sys, &opts)?;
     let run_cp = opts.join.is_none();
     let run_gw = opts.runs("gateway");
+    if opts.only.is_some() && run_cp && sys.control_plane.registry.etcd.is_none() {
+        eprintln!(
+            "shoal: note: --only without --join or [backends] etcd: this host's control \
+             plane shares its catalog with no other host"
+        );
+    }
 
     // Checked before the build, so a busy port fails in a second, not after minutes.
     let cp_addr = if run_cp {
@@ -281,14 +287,24 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
             if argv[0].contains('/') {
                 argv[0] = root.join(&argv[0]).display().to_string();
             }
-            service_specs.push(ProcSpec {
+            let proc = ProcSpec {
                 name: format!("{svc}#{replica}"),
                 service: Some(svc.clone()),
                 argv,
                 env,
                 cwd: root.clone(),
                 log: log_dir.join(format!("{svc}-{replica}.log")),
-            });
+            };
+            match &spec.sidecar {
+                Some(sc) => service_specs.extend(with_sidecar(
+                    proc,
+                    sc,
+                    spec.registers_as(svc),
+                    &exe,
+                    &log_dir.join(format!("{svc}-app-{replica}.log")),
+                )?),
+                None => service_specs.push(proc),
+            }
         }
     }
 
@@ -404,6 +420,53 @@ pub async fn up(opts: UpOptions) -> Result<(), Error> {
     while cp_tasks.join_next().await.is_some() {}
     eprintln!("shoal: stopped");
     Ok(())
+}
+
+/// An entry with `sidecar = { … }`: its `command` is an app in any language, run
+/// beside a `shoal sidecar` process (docs/sidecar.md). The sidecar takes the
+/// replica's place (its name, log, instance id and `SHOAL_*` environment: it is
+/// what registers and serves mTLS); the app gets a port of its own on loopback
+/// (`PORT`) and the sidecar's outbound address (`SHOAL_SIDECAR_URL`). Both ports
+/// are chosen once here, so they stay the same when either process restarts.
+fn with_sidecar(
+    replica: ProcSpec,
+    sc: &crate::SidecarSpec,
+    service: &str,
+    exe: &str,
+    app_log: &Path,
+) -> Result<[ProcSpec; 2], Error> {
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let app_addr = concrete("sidecar app", loopback)?;
+    let out_addr = concrete("sidecar outbound", loopback)?;
+    // First, so the entry's own `env` (after it) can override them.
+    let settings = [
+        ("SHOAL_SETTINGS__APP_ADDR", app_addr.to_string()),
+        ("SHOAL_SETTINGS__OUTBOUND_LISTEN", out_addr.to_string()),
+        ("SHOAL_SETTINGS__HEALTH_PATH", sc.health_path.clone()),
+    ];
+    let mut sidecar_env: Vec<(String, String)> = settings
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    sidecar_env.extend(replica.env.iter().cloned());
+    let mut app_env = replica.env.clone();
+    app_env.push(("PORT".into(), app_addr.port().to_string()));
+    app_env.push(("SHOAL_SIDECAR_URL".into(), format!("http://{out_addr}")));
+    let app = ProcSpec {
+        name: replica.name.replacen('#', "-app#", 1),
+        // Not a replica of its own: counted once, as its sidecar.
+        service: None,
+        argv: replica.argv.clone(),
+        env: app_env,
+        cwd: replica.cwd.clone(),
+        log: app_log.to_path_buf(),
+    };
+    let sidecar = ProcSpec {
+        argv: vec![exe.to_string(), "sidecar".into(), service.to_string()],
+        env: sidecar_env,
+        ..replica
+    };
+    Ok([app, sidecar])
 }
 
 async fn wait_until<F, Fut>(limit: Duration, mut f: F) -> bool
@@ -535,6 +598,54 @@ mod tests {
         );
         let free = concrete("gateway", "127.0.0.1:0".parse().unwrap()).unwrap();
         assert_ne!(free.port(), 0);
+    }
+
+    #[test]
+    fn a_sidecar_entry_is_an_app_and_its_sidecar() {
+        let replica = ProcSpec {
+            name: "rec#1".into(),
+            service: Some("rec".into()),
+            argv: vec!["python3".into(), "app.py".into()],
+            env: vec![("SHOAL_INSTANCE_ID".into(), "rec-1".into())],
+            cwd: PathBuf::from("/"),
+            log: PathBuf::from("/logs/rec-1.log"),
+        };
+        let sc = crate::SidecarSpec {
+            health_path: "/ping".into(),
+        };
+        let [app, sidecar] = with_sidecar(
+            replica,
+            &sc,
+            "rec",
+            "/bin/shoal",
+            Path::new("/logs/rec-app-1.log"),
+        )
+        .unwrap();
+        assert_eq!(app.name, "rec-app#1");
+        assert_eq!(app.argv, ["python3", "app.py"]);
+        let get = |env: &[(String, String)], k: &str| {
+            env.iter()
+                .rev()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+        };
+        let port = get(&app.env, "PORT").unwrap();
+        assert_eq!(
+            get(&sidecar.env, "SHOAL_SETTINGS__APP_ADDR").unwrap(),
+            format!("127.0.0.1:{port}")
+        );
+        let out = get(&sidecar.env, "SHOAL_SETTINGS__OUTBOUND_LISTEN").unwrap();
+        assert_eq!(
+            get(&app.env, "SHOAL_SIDECAR_URL").unwrap(),
+            format!("http://{out}")
+        );
+        assert_eq!(
+            get(&sidecar.env, "SHOAL_SETTINGS__HEALTH_PATH").unwrap(),
+            "/ping"
+        );
+        assert_eq!(get(&sidecar.env, "SHOAL_INSTANCE_ID").unwrap(), "rec-1");
+        assert_eq!(sidecar.name, "rec#1");
+        assert_eq!(sidecar.argv, ["/bin/shoal", "sidecar", "rec"]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 mod broker;
 mod dashboard;
+mod deploy;
 mod gateway;
 mod logs;
 mod messaging;
@@ -14,5 +15,6 @@ mod platform;
 mod resilience;
 mod saga;
 mod shop;
+mod sidecar;
 mod system;
 mod twophase;

@@ -103,11 +103,24 @@ fn system_file(dir: &Path, extra_env: &[(&str, &str, &str)], backends: &Backends
             .as_str()
             .unwrap()
             .to_string();
-        let file = Path::new(&program).file_name().unwrap().to_owned();
-        spec.insert(
-            "command".into(),
-            toml::Value::Array(vec![bins.join(file).display().to_string().into()]),
-        );
+        if program.contains('/') {
+            let file = Path::new(&program).file_name().unwrap().to_owned();
+            spec.insert(
+                "command".into(),
+                toml::Value::Array(vec![bins.join(file).display().to_string().into()]),
+            );
+        } else {
+            // An interpreter on the PATH (the Python service behind its sidecar):
+            // its script, like a config file, is the repository's.
+            let mut argv = spec["command"].as_array().unwrap().clone();
+            for arg in argv.iter_mut().skip(1) {
+                *arg = abs(arg);
+            }
+            spec.insert("command".into(), toml::Value::Array(argv));
+        }
+        if let Some(c) = spec.get("config").cloned() {
+            spec.insert("config".into(), abs(&c));
+        }
         let mut env = toml::Table::new();
         env.insert("SHOAL_DEREGISTER_GRACE_MS".into(), "100".into());
         for (svc, k, v) in extra_env {

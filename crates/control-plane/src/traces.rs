@@ -132,32 +132,35 @@ impl TraceStore {
         }
     }
 
-    /// Keep `spans` of `trace_id`, forgetting the oldest traces past the limit.
-    fn add(&self, trace_id: String, spans: Vec<StoredSpan>) {
-        let Ok(mut st) = self.inner.lock() else {
+    /// Keep the spans of each trace, forgetting the oldest traces past the limit.
+    /// One lock for a whole export.
+    fn add(&self, traces: impl IntoIterator<Item = (String, Vec<StoredSpan>)>) {
+        let Ok(mut guard) = self.inner.lock() else {
             return;
         };
-        st.seq += 1;
-        let seq = st.seq;
+        let st = &mut *guard;
         let per_trace = self.cfg.max_spans_per_trace;
-        let added = {
-            let fresh = !st.traces.contains_key(&trace_id);
-            if fresh {
-                st.order.push_back(trace_id.clone());
-            }
-            let t = st.traces.entry(trace_id).or_insert_with(|| Trace {
-                spans: Vec::new(),
-                cut: 0,
-                touched: seq,
-            });
+        for (trace_id, spans) in traces {
+            st.seq += 1;
+            let seq = st.seq;
+            let t = match st.traces.entry(trace_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    st.order.push_back(e.key().clone());
+                    e.insert(Trace {
+                        spans: Vec::new(),
+                        cut: 0,
+                        touched: seq,
+                    })
+                }
+            };
             t.touched = seq;
             let room = per_trace.saturating_sub(t.spans.len());
             let n = spans.len().min(room);
             t.cut += (spans.len() - n) as u64;
             t.spans.extend(spans.into_iter().take(n));
-            n
-        };
-        st.spans += added;
+            st.spans += n;
+        }
         while st.spans > self.cfg.max_spans {
             let Some(oldest) = st.order.pop_front() else {
                 break;
@@ -297,19 +300,38 @@ struct OtlpSpan {
 }
 
 /// OTLP JSON carries 64-bit integers as strings; some senders write numbers.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Nanos {
-    Text(String),
-    Number(u64),
-}
+/// Read by hand: serde's untagged enums buffer every value first, and this one
+/// comes twice in every span.
+struct Nanos(Option<u64>);
 
 impl Nanos {
     fn value(&self) -> Option<u64> {
-        match self {
-            Nanos::Text(s) => s.parse().ok(),
-            Nanos::Number(n) => Some(*n),
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Nanos {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Nanos;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("whole nanoseconds, as a string or a number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Nanos, E> {
+                Ok(Nanos(v.parse().ok()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Nanos, E> {
+                Ok(Nanos(Some(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Nanos, E> {
+                Ok(Nanos(u64::try_from(v).ok()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Nanos, E> {
+                Ok(Nanos(None))
+            }
         }
+        d.deserialize_any(V)
     }
 }
 
@@ -325,19 +347,70 @@ struct OtlpStatus {
 struct KeyValue {
     key: String,
     #[serde(default)]
-    value: Option<serde_json::Value>,
+    value: Option<AnyValue>,
 }
 
-fn attr_text(v: &serde_json::Value) -> String {
-    let inner = v
-        .as_object()
-        .and_then(|o| o.values().next())
-        .cloned()
-        .unwrap_or(serde_json::Value::Null);
-    match inner {
-        serde_json::Value::String(s) => s,
-        other => other.to_string(),
+/// OTLP's `AnyValue`: one of its fields is set. The scalar kinds are read as they
+/// are (no `serde_json::Value` map per attribute); arrays, maps and bytes are kept
+/// as their JSON text.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct AnyValue {
+    string_value: Option<String>,
+    int_value: Option<IntText>,
+    double_value: Option<f64>,
+    bool_value: Option<bool>,
+    array_value: Option<serde_json::Value>,
+    kvlist_value: Option<serde_json::Value>,
+    bytes_value: Option<String>,
+}
+
+/// An `intValue`, as text: a string in OTLP JSON, a number from some senders.
+struct IntText(String);
+
+impl<'de> Deserialize<'de> for IntText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = IntText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an integer, as a string or a number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IntText, E> {
+                Ok(IntText(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IntText, E> {
+                Ok(IntText(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IntText, E> {
+                Ok(IntText(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<IntText, E> {
+                Ok(IntText(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
     }
+}
+
+fn attr_text(v: AnyValue) -> String {
+    if let Some(s) = v.string_value {
+        return s;
+    }
+    if let Some(IntText(i)) = v.int_value {
+        return i;
+    }
+    if let Some(f) = v.double_value {
+        return f.to_string();
+    }
+    if let Some(b) = v.bool_value {
+        return b.to_string();
+    }
+    v.array_value
+        .or(v.kvlist_value)
+        .map(|j| j.to_string())
+        .or(v.bytes_value)
+        .unwrap_or_default()
 }
 
 fn cut(mut s: String) -> String {
@@ -361,12 +434,12 @@ fn decode(body: &[u8]) -> Result<Vec<(String, StoredSpan)>, String> {
         serde_json::from_slice(body).map_err(|e| format!("not an OTLP JSON export: {e}"))?;
     let mut out = Vec::new();
     for rs in req.resource_spans {
-        let attrs = rs.resource.map(|r| r.attributes).unwrap_or_default();
-        let find = |k: &str| {
+        let mut attrs = rs.resource.map(|r| r.attributes).unwrap_or_default();
+        let mut find = |k: &str| {
             attrs
-                .iter()
+                .iter_mut()
                 .find(|a| a.key == k)
-                .and_then(|a| a.value.as_ref())
+                .and_then(|a| a.value.take())
                 .map(attr_text)
         };
         let service = cut(find("service.name").unwrap_or_else(|| "unknown_service".into()));
@@ -375,8 +448,9 @@ fn decode(body: &[u8]) -> Result<Vec<(String, StoredSpan)>, String> {
             for s in ss.spans {
                 // OTLP JSON spells ids in hex (not base64 as protobuf's JSON mapping
                 // would); lowercase is what logs and traceparent carry.
-                let trace_id = s.trace_id.to_ascii_lowercase();
-                let span_id = s.span_id.to_ascii_lowercase();
+                let (mut trace_id, mut span_id) = (s.trace_id, s.span_id);
+                trace_id.make_ascii_lowercase();
+                span_id.make_ascii_lowercase();
                 if !is_hex(&trace_id, 32) || !is_hex(&span_id, 16) {
                     return Err(format!(
                         "span {:?}: traceId must be 32 and spanId 16 hex digits, not all zero",
@@ -385,7 +459,10 @@ fn decode(body: &[u8]) -> Result<Vec<(String, StoredSpan)>, String> {
                 }
                 let parent = s
                     .parent_span_id
-                    .map(|p| p.to_ascii_lowercase())
+                    .map(|mut p| {
+                        p.make_ascii_lowercase();
+                        p
+                    })
                     .filter(|p| !p.is_empty());
                 if let Some(p) = &parent {
                     if !is_hex(p, 16) {
@@ -408,7 +485,7 @@ fn decode(body: &[u8]) -> Result<Vec<(String, StoredSpan)>, String> {
                     .into_iter()
                     .take(MAX_ATTRIBUTES)
                     .map(|kv| {
-                        let v = kv.value.as_ref().map(attr_text).unwrap_or_default();
+                        let v = kv.value.map(attr_text).unwrap_or_default();
                         (cut(kv.key), cut(v))
                     })
                     .collect();
@@ -476,9 +553,7 @@ async fn export(State(store): State<TraceStore>, headers: HeaderMap, body: Bytes
     for (t, s) in spans {
         by_trace.entry(t).or_default().push(s);
     }
-    for (t, s) in by_trace {
-        store.add(t, s);
-    }
+    store.add(by_trace);
     // The OTLP success answer: an ExportTraceServiceResponse with nothing rejected.
     Json(serde_json::json!({})).into_response()
 }
@@ -575,6 +650,38 @@ mod tests {
     }
 
     #[test]
+    fn every_attribute_kind_reads_as_text() {
+        let body = br#"{"resourceSpans":[{"resource":{"attributes":[
+              {"key":"service.name","value":{"stringValue":"billing"}}]},
+            "scopeSpans":[{"spans":[
+            {"traceId":"0102030405060708090A0B0C0D0E0F10","spanId":"0102030405060708",
+             "name":"x","startTimeUnixNano":1000,"endTimeUnixNano":"2000",
+             "attributes":[
+               {"key":"s","value":{"stringValue":"text"}},
+               {"key":"i","value":{"intValue":"-42"}},
+               {"key":"n","value":{"intValue":7}},
+               {"key":"d","value":{"doubleValue":0.5}},
+               {"key":"b","value":{"boolValue":true}},
+               {"key":"a","value":{"arrayValue":{"values":[{"intValue":"1"}]}}},
+               {"key":"none"}
+             ]}]}]}]}"#;
+        let spans = decode(body).unwrap();
+        let (trace, s) = &spans[0];
+        assert_eq!(trace, "0102030405060708090a0b0c0d0e0f10");
+        assert_eq!(s.service, "billing");
+        assert_eq!(s.instance, "billing");
+        assert_eq!((s.start_unix_nanos, s.end_unix_nanos), (1000, 2000));
+        let a = &s.attributes;
+        assert_eq!(a["s"], "text");
+        assert_eq!(a["i"], "-42");
+        assert_eq!(a["n"], "7");
+        assert_eq!(a["d"], "0.5");
+        assert_eq!(a["b"], "true");
+        assert_eq!(a["a"], r#"{"values":[{"intValue":"1"}]}"#);
+        assert_eq!(a["none"], "");
+    }
+
+    #[test]
     fn oldest_traces_go_first_and_a_full_trace_counts_the_rest() {
         let store = TraceStore::new(TraceStoreConfig {
             max_spans: 4,
@@ -598,10 +705,10 @@ mod tests {
                 })
                 .collect()
         };
-        store.add("t1".into(), mk(5));
+        store.add([("t1".into(), mk(5))]);
         let (spans, cut) = store.get("t1").unwrap();
         assert_eq!((spans.len(), cut), (3, 2));
-        store.add("t2".into(), mk(2));
+        store.add([("t2".into(), mk(2))]);
         // 5 spans kept > 4: t1, the oldest, is forgotten whole.
         assert!(store.get("t1").is_none());
         assert_eq!(store.get("t2").unwrap().0.len(), 2);

@@ -5,7 +5,10 @@
 //!   forwards and backwards, read-all from a position, catch-up then live
 //!   [`Subscription`]s, snapshots, event metadata (correlation and causation ids,
 //!   time), versioned event types with [`Upcasters`]; appends are durable when they
-//!   return and share fsyncs through group commit;
+//!   return and share fsyncs through group commit; an append sent again is
+//!   recognised where its first try put its events (at the versions after the one
+//!   it expected, or for `ExpectedVersion::Any` as its stream's latest append);
+//!   event ids are not otherwise checked for uniqueness (docs/eventstore.md);
 //! - [`Aggregate`]: load (snapshot plus later events), decide, append, and decide
 //!   again on a conflict;
 //! - [`ProjectionRunner`]: read models fed from the global order, checkpointed in the

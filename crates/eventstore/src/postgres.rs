@@ -13,7 +13,7 @@
 //! subscriptions wake at once instead of at the next poll.
 
 use crate::store::{
-    advance, answers, db_err, fail_all, id_taken, lookups, plan, rows_of, Encoded, Write,
+    advance, answers, db_err, fail_all, id_taken, lookups, plan, rows_of, Encoded, Stored, Write,
 };
 use crate::types::Appended;
 use shoal_core::Error;
@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS _shoal_es_events (
     position BIGINT PRIMARY KEY,
     stream TEXT NOT NULL,
     version BIGINT NOT NULL,
-    id TEXT NOT NULL UNIQUE,
+    id TEXT NOT NULL,
     event_type TEXT NOT NULL,
     type_version BIGINT NOT NULL,
     data TEXT NOT NULL,
@@ -48,16 +48,41 @@ CREATE TABLE IF NOT EXISTS _shoal_es_checkpoints (
     projection TEXT PRIMARY KEY,
     position BIGINT NOT NULL
 );
+-- The schema's version (see SCHEMA_VERSION in postgres.rs). 1 (no row): the events
+-- table had a unique index on the event id. 2: none; repeated appends are
+-- recognised through (stream, version), and the group function takes the probes.
+CREATE TABLE IF NOT EXISTS _shoal_es_schema (
+    version BIGINT NOT NULL
+);
+DO $m$
+DECLARE
+    v BIGINT := COALESCE((SELECT MAX(version) FROM _shoal_es_schema), 1);
+BEGIN
+    IF v > 2 THEN
+        RAISE EXCEPTION 'the event store''s tables are at schema version %, newer than this build''s 2', v;
+    END IF;
+    IF v < 2 THEN
+        ALTER TABLE _shoal_es_events DROP CONSTRAINT IF EXISTS _shoal_es_events_id_key;
+        DROP FUNCTION IF EXISTS _shoal_es_append_group(TEXT[], SMALLINT[], BIGINT[], INT[],
+            BIGINT[], TEXT[], TEXT[], BIGINT[], TEXT[], TEXT[], BIGINT, TEXT);
+        DELETE FROM _shoal_es_schema;
+        INSERT INTO _shoal_es_schema (version) VALUES (2);
+    END IF;
+END
+$m$;
 -- A whole group in one round trip, when it needs no answer but success: take the
 -- lock, check every append's expected version, insert every event after the head,
 -- notify. Called outside a transaction block, so the statement is the transaction:
 -- each statement in here takes a new snapshot, and the insert sees every commit
 -- made before the lock was granted. The caller makes sure the appends' streams are
--- distinct. Returns nothing (and writes nothing) when an expectation fails; a
--- repeated event id fails the statement. Either way the caller then takes the
--- general path, which tells each append its own answer.
+-- distinct. Returns nothing (and writes nothing) when an expectation fails or when
+-- an append expecting any version may repeat a stored one (a probe, an id at an
+-- offset from its stream's version, finds it); the caller then takes the general
+-- path, which tells each append its own answer. An append whose expectation holds
+-- cannot repeat a stored one: those are at versions after the one it expects.
 CREATE OR REPLACE FUNCTION _shoal_es_append_group(
     a_stream TEXT[], a_kind SMALLINT[], a_expected BIGINT[],
+    p_stream TEXT[], p_id TEXT[], p_lo BIGINT[], p_hi BIGINT[],
     e_append INT[], e_k BIGINT[], e_id TEXT[], e_type TEXT[], e_type_version BIGINT[],
     e_data TEXT[], e_metadata TEXT[], now_ms BIGINT, channel TEXT)
 RETURNS TABLE (o_stream TEXT, o_version BIGINT, o_position BIGINT)
@@ -71,6 +96,22 @@ BEGIN
          WHERE a.kind <> 0
            AND COALESCE((SELECT MAX(e.version) FROM _shoal_es_events e WHERE e.stream = a.s), 0)
                <> CASE a.kind WHEN 1 THEN 0 ELSE a.expected END
+    ) THEN
+        RETURN;
+    END IF;
+    -- LATERAL: each probe is an index range scan with its bounds known; a join lets
+    -- the planner scan the whole stream and filter the versions afterwards.
+    IF EXISTS (
+        WITH p AS MATERIALIZED (
+            SELECT p.s, p.id, p.lo, p.hi,
+                   COALESCE((SELECT MAX(e.version) FROM _shoal_es_events e WHERE e.stream = p.s), 0) AS v
+              FROM UNNEST(p_stream, p_id, p_lo, p_hi) AS p(s, id, lo, hi)
+        )
+        SELECT 1 FROM p CROSS JOIN LATERAL (
+            SELECT 1 FROM _shoal_es_events e
+             WHERE e.stream = p.s AND e.version BETWEEN p.v + p.lo AND p.v + p.hi AND e.id = p.id
+             LIMIT 1
+        ) AS hit
     ) THEN
         RETURN;
     END IF;
@@ -268,8 +309,17 @@ async fn fast_group(
     channel: &str,
     group: &[Write],
 ) -> Result<Option<Vec<Result<Appended, Error>>>, Error> {
-    if lookups(group).0.len() != group.len() {
+    let (streams, probes) = lookups(group);
+    if streams.len() != group.len() {
         return Ok(None);
+    }
+    // Only appends expecting any version can repeat a stored one here.
+    let (mut p_stream, mut p_id, mut p_lo, mut p_hi) = (vec![], vec![], vec![], vec![]);
+    for p in probes.iter().filter(|p| p.from_head) {
+        p_stream.push(p.stream);
+        p_id.push(p.id);
+        p_lo.push(p.lo);
+        p_hi.push(p.hi);
     }
     let rows: usize = group.iter().map(|w| w.events.len()).sum();
     let (mut a_stream, mut a_kind, mut a_expected) = (vec![], vec![], vec![]);
@@ -294,12 +344,17 @@ async fn fast_group(
     }
     let answered: Result<Vec<(String, i64, i64)>, sqlx::Error> = sqlx::query_as(
         "SELECT o_stream, o_version, o_position FROM _shoal_es_append_group(
-             $1::text[], $2::int2[], $3::int8[], $4::int4[], $5::int8[], $6::text[], $7::text[],
-             $8::int8[], $9::text[], $10::text[], $11::int8, $12::text)",
+             $1::text[], $2::int2[], $3::int8[], $4::text[], $5::text[], $6::int8[], $7::int8[],
+             $8::int4[], $9::int8[], $10::text[], $11::text[], $12::int8[], $13::text[],
+             $14::text[], $15::int8, $16::text)",
     )
     .bind(&a_stream)
     .bind(&a_kind)
     .bind(&a_expected)
+    .bind(&p_stream)
+    .bind(&p_id)
+    .bind(&p_lo)
+    .bind(&p_hi)
     .bind(&e_append)
     .bind(&e_k)
     .bind(&events.id)
@@ -313,7 +368,8 @@ async fn fast_group(
     .await;
     let answered = match answered {
         Ok(a) => a,
-        // A repeated append (or an id used twice): the statement was undone.
+        // A stream version taken (not expected: the lock is held): the statement
+        // was undone.
         Err(e)
             if e.as_database_error()
                 .is_some_and(|d| d.is_unique_violation()) =>
@@ -367,26 +423,44 @@ async fn try_append_group(
         .execute(&mut *conn)
         .await
         .map_err(fatal("starting an append transaction"))?;
-    let (streams, ids) = lookups(group);
-    // Kind 0: a stream's version; kind 1: an event stored already; kind 2: the
-    // head. The lock is held, so all of it stays true until commit.
+    let (streams, probes) = lookups(group);
+    let p_stream: Vec<&str> = probes.iter().map(|p| p.stream).collect();
+    let p_id: Vec<&str> = probes.iter().map(|p| p.id).collect();
+    let p_head: Vec<i64> = probes.iter().map(|p| i64::from(p.from_head)).collect();
+    let p_lo: Vec<i64> = probes.iter().map(|p| p.lo).collect();
+    let p_hi: Vec<i64> = probes.iter().map(|p| p.hi).collect();
+    // Kind 0: a stream's version; kind 1: an event a probe found; kind 2: the head.
+    // The lock is held, so all of it stays true until commit.
     let checked: Vec<(i64, String, String, i64, i64)> = sqlx::query_as(
-        "SELECT 0::int8, s.stream, ''::text,
-                COALESCE((SELECT MAX(e.version) FROM _shoal_es_events e WHERE e.stream = s.stream), 0)::int8,
-                0::int8
-           FROM UNNEST($1::text[]) AS s(stream)
+        "WITH v AS MATERIALIZED (
+             SELECT s.stream,
+                    COALESCE((SELECT MAX(e.version) FROM _shoal_es_events e WHERE e.stream = s.stream), 0)::int8 AS v
+               FROM UNNEST($1::text[]) AS s(stream)
+         )
+         SELECT 0::int8, v.stream, ''::text, v.v, 0::int8 FROM v
          UNION ALL
-         SELECT 1, id, stream, version, position FROM _shoal_es_events WHERE id = ANY($2::text[])
+         SELECT 1, e.id, e.stream, e.version, e.position
+           FROM UNNEST($2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[]) AS p(s, id, h, lo, hi)
+           JOIN v ON v.stream = p.s
+           CROSS JOIN LATERAL (
+               SELECT x.id, x.stream, x.version, x.position FROM _shoal_es_events x
+                WHERE x.stream = p.s AND x.version BETWEEN p.lo + p.h * v.v AND p.hi + p.h * v.v
+                  AND x.id = p.id
+           ) AS e
          UNION ALL
          SELECT 2, '', '', COALESCE(MAX(position), 0), 0 FROM _shoal_es_events",
     )
     .bind(&streams)
-    .bind(&ids)
+    .bind(&p_stream)
+    .bind(&p_id)
+    .bind(&p_head)
+    .bind(&p_lo)
+    .bind(&p_hi)
     .fetch_all(&mut *conn)
     .await
     .map_err(fatal("checking the group's appends"))?;
     let mut versions: HashMap<String, u64> = HashMap::new();
-    let mut stored: HashMap<String, (String, u64, u64)> = HashMap::new();
+    let mut stored: Stored = HashMap::new();
     let mut head = 0u64;
     for (kind, key, stream, version, position) in checked {
         match kind {
@@ -394,7 +468,7 @@ async fn try_append_group(
                 versions.insert(key, version as u64);
             }
             1 => {
-                stored.insert(key, (stream, version as u64, position as u64));
+                stored.insert((stream, key), (version as u64, position as u64));
             }
             _ => head = version as u64,
         }

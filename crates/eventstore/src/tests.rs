@@ -182,15 +182,65 @@ async fn a_repeated_append_is_recognised_and_writes_nothing(k: Kind) {
         .unwrap();
     assert_eq!(first, again);
     assert_eq!(s.read_all(0, 10).await.unwrap().len(), 2);
-    // The same id in another stream is a conflict, not a silent success.
+    // Recognised however much the stream grew since: an append that expected a
+    // version is looked for where it would have put its events.
+    for i in 0..200 {
+        s.append("a", ExpectedVersion::Any, vec![ev("More", i)])
+            .await
+            .unwrap();
+    }
+    let again = s
+        .append("a", ExpectedVersion::NoStream, events.clone())
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    let pq = vec![ev("P", 1), ev("Q", 2)];
+    let at_2 = s
+        .append("a", ExpectedVersion::Exact(202), pq.clone())
+        .await
+        .unwrap();
+    for i in 0..100 {
+        s.append("a", ExpectedVersion::Any, vec![ev("More", i)])
+            .await
+            .unwrap();
+    }
+    let again = s
+        .append("a", ExpectedVersion::Exact(202), pq)
+        .await
+        .unwrap();
+    assert_eq!(at_2, again);
+    // A repeat of only part of an append is a conflict, and writes nothing.
     let e = s
-        .append("b", ExpectedVersion::Any, vec![events[0].clone()])
+        .append(
+            "a",
+            ExpectedVersion::NoStream,
+            vec![events[0].clone(), ev("New", 1)],
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Conflict);
-    // An id reused further into an append: refused whole, the rest of the store
-    // untouched, and appends committed with it in one group still land.
-    let reuse = vec![ev("Z", 1), events[1].clone()];
+    assert!(e.to_string().contains("repeats stored event ids"), "{e}");
+    assert_eq!(s.stream_version("a").await.unwrap(), 304);
+    // An append expecting any version, sent again: recognised while it is the
+    // stream's latest append.
+    let batch = vec![ev("W", 1), ev("W", 2), ev("W", 3)];
+    s.append("w", ExpectedVersion::Any, vec![ev("Before", 0)])
+        .await
+        .unwrap();
+    let first = s
+        .append("w", ExpectedVersion::Any, batch.clone())
+        .await
+        .unwrap();
+    let again = s
+        .append("w", ExpectedVersion::Any, batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    assert_eq!(s.stream_version("w").await.unwrap(), 4);
+    // An id reused in the middle of an append that is not a repeat: refused whole,
+    // the rest of the store untouched, and appends committed with it in one group
+    // still land.
+    let reuse = vec![ev("Z", 1), batch[2].clone()];
     let others: Vec<_> = (0..4)
         .map(|i| {
             let s = s.clone();
@@ -198,20 +248,132 @@ async fn a_repeated_append_is_recognised_and_writes_nothing(k: Kind) {
         })
         .collect();
     let e = s
-        .append("b", ExpectedVersion::Any, reuse)
+        .append("w", ExpectedVersion::Any, reuse)
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Conflict, "{e:?}");
     for o in others {
         o.await.unwrap().unwrap();
     }
-    assert_eq!(s.stream_version("b").await.unwrap(), 0);
+    assert_eq!(s.stream_version("w").await.unwrap(), 4);
     assert_eq!(s.stream_version("c").await.unwrap(), 4);
-    let all = s.read_all(0, 100).await.unwrap();
+    let all = s.read_all(0, 1_000).await.unwrap();
     assert!(all
         .iter()
         .enumerate()
         .all(|(i, e)| e.position == i as u64 + 1));
+}
+
+/// What is not recognised, as documented: ids are not unique across streams, and
+/// an append expecting any version sent again after another append to its stream
+/// is a new append.
+async fn ids_are_checked_only_where_a_repeat_would_be(k: Kind) {
+    let s = fresh(k).await;
+    let one = vec![ev("X", 1)];
+    s.append("a", ExpectedVersion::Any, one.clone())
+        .await
+        .unwrap();
+    // The same id in another stream is stored again there.
+    let b = s
+        .append("b", ExpectedVersion::Any, one.clone())
+        .await
+        .unwrap();
+    assert_eq!(b.version, 1);
+    s.append("a", ExpectedVersion::Any, vec![ev("More", 1)])
+        .await
+        .unwrap();
+    // Another append came between: appended again.
+    let again = s
+        .append("a", ExpectedVersion::Any, one.clone())
+        .await
+        .unwrap();
+    assert_eq!(again.version, 3);
+    let all = s.read_all(0, 1_000).await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert!(all
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.position == i as u64 + 1));
+}
+
+/// A database made by a build of schema 1 (a unique index on the event id) is moved
+/// to schema 2 when the store opens it: every event kept at its position, the
+/// index gone, appends going on after the head.
+async fn tables_of_schema_1_are_moved_to_schema_2_and_keep_every_event(k: Kind) {
+    let db = fresh_db(k).await;
+    let (int, old) = match k {
+        Kind::Sqlite => ("INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+        Kind::Postgres => ("BIGINT", "BIGINT PRIMARY KEY"),
+    };
+    let v1 = format!(
+        "CREATE TABLE _shoal_es_events (
+            position {old}, stream TEXT NOT NULL, version {int} NOT NULL,
+            id TEXT NOT NULL UNIQUE, event_type TEXT NOT NULL, type_version {int} NOT NULL,
+            data TEXT NOT NULL, metadata TEXT NOT NULL, recorded_at_ms {int} NOT NULL,
+            UNIQUE (stream, version));
+         CREATE TABLE _shoal_es_snapshots (stream TEXT PRIMARY KEY, version {int} NOT NULL,
+            data TEXT NOT NULL, recorded_at_ms {int} NOT NULL);
+         CREATE TABLE _shoal_es_checkpoints (projection TEXT PRIMARY KEY, position {int} NOT NULL);
+         INSERT INTO _shoal_es_events VALUES
+            (1, 'a', 1, 'id-1', 'X', 1, '{{\"n\":1}}', '{{}}', 5),
+            (2, 'b', 1, 'id-2', 'X', 1, '{{\"n\":2}}', '{{}}', 5),
+            (3, 'a', 2, 'id-3', 'X', 1, '{{\"n\":3}}', '{{}}', 5);"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(v1))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let s = EventStore::open(&db, Upcasters::new()).await.unwrap();
+    assert_eq!(s.head(), 3);
+    let all = s.read_all(0, 10).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|e| (e.position, e.stream.as_str(), e.version, e.id.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (1, "a", 1, "id-1"),
+            (2, "b", 1, "id-2"),
+            (3, "a", 2, "id-3")
+        ]
+    );
+    assert_eq!(all[2].data, json!({"n": 3}));
+    // A retry of the append that wrote a:2 is recognised through the versions.
+    let retry = NewEvent {
+        id: "id-3".into(),
+        ..ev("X", 3)
+    };
+    let again = s
+        .append("a", ExpectedVersion::Exact(1), vec![retry])
+        .await
+        .unwrap();
+    assert_eq!((again.version, again.position), (2, 3));
+    let next = s
+        .append("a", ExpectedVersion::Exact(2), vec![ev("Y", 4)])
+        .await
+        .unwrap();
+    assert_eq!((next.version, next.position), (3, 4));
+    let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _shoal_es_schema")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(version, 2);
+    // The event id index is gone: the same id again in another stream is taken.
+    let dup = NewEvent {
+        id: "id-1".into(),
+        ..ev("X", 5)
+    };
+    s.append("c", ExpectedVersion::NoStream, vec![dup])
+        .await
+        .unwrap();
+    // Opening again changes nothing.
+    drop(s);
+    let s = EventStore::open(&db, Upcasters::new()).await.unwrap();
+    assert_eq!(s.head(), 5);
+    let next = s
+        .append("a", ExpectedVersion::Any, vec![ev("Y", 6)])
+        .await
+        .unwrap();
+    assert_eq!(next.position, 6);
 }
 
 async fn appends_grouped_into_one_commit_are_each_decided_as_if_alone(k: Kind) {
@@ -814,6 +976,8 @@ on_both_backends!(
     appends_and_reads_both_ways_with_metadata,
     expected_versions_are_enforced_with_a_typed_conflict,
     a_repeated_append_is_recognised_and_writes_nothing,
+    ids_are_checked_only_where_a_repeat_would_be,
+    tables_of_schema_1_are_moved_to_schema_2_and_keep_every_event,
     appends_grouped_into_one_commit_are_each_decided_as_if_alone,
     eight_writers_on_one_stream_one_wins_per_version_and_nothing_has_gaps,
     readers_never_see_a_gap_while_writers_commit,

@@ -73,8 +73,8 @@ impl NewEvent {
             .with_source(e)
         })?;
         Ok(Self {
-            // Time-ordered (UUIDv7): ids made together sort together, so the id
-            // index grows at its end instead of at random pages.
+            // Time-ordered (UUIDv7): unique without a check by the store, and
+            // readable in the order they were made.
             id: uuid::Uuid::now_v7().to_string(),
             event_type: event_type.to_string(),
             type_version,

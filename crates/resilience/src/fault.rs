@@ -17,44 +17,51 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
-/// The fault rules in force in this process.
+/// The fault rules in force in this process; cheap to clone (the middleware's
+/// state is cloned for every request).
 #[derive(Clone)]
-pub struct FaultInjector {
+pub struct FaultInjector(Arc<Inner>);
+
+struct Inner {
     service: String,
-    rules: Arc<RwLock<Arc<Vec<FaultRule>>>>,
+    rules: RwLock<Arc<Vec<FaultRule>>>,
     metrics: Option<ResilienceMetrics>,
 }
 
 impl FaultInjector {
     /// No rules yet, for the process of `service`.
     pub fn new(service: &str, metrics: Option<ResilienceMetrics>) -> Self {
-        Self {
+        Self(Arc::new(Inner {
             service: service.to_string(),
-            rules: Arc::new(RwLock::new(Arc::new(Vec::new()))),
+            rules: RwLock::new(Arc::new(Vec::new())),
             metrics,
-        }
+        }))
     }
 
     /// The service whose rules apply.
     pub fn service(&self) -> &str {
-        &self.service
+        &self.0.service
     }
 
     /// Replace the rules (those of other services and invalid ones are dropped).
     pub fn set(&self, rules: Vec<FaultRule>) {
         let mine: Vec<FaultRule> = rules
             .into_iter()
-            .filter(|r| r.service == self.service && r.validate().is_ok())
+            .filter(|r| r.service == self.0.service && r.validate().is_ok())
             .collect();
         if !mine.is_empty() {
             tracing::warn!(rules = mine.len(), "fault injection active");
         }
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(mine);
+        *self.0.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(mine);
     }
 
     /// The rules now.
     pub fn rules(&self) -> Arc<Vec<FaultRule>> {
-        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0
+            .rules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The fault for a request to `path`, if a rule hits it (the first matching
@@ -86,7 +93,7 @@ pub async fn middleware(State(inj): State<FaultInjector>, req: Request, next: Ne
         return next.run(req).await;
     };
     let count = |kind| {
-        if let Some(m) = &inj.metrics {
+        if let Some(m) = &inj.0.metrics {
             m.fault_injected(kind);
         }
     };

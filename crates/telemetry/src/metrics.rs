@@ -10,7 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry};
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Content type of [`Metrics::render`]'s output: the OpenMetrics text format
 /// (it ends with `# EOF`), which Prometheus scrapes natively.
@@ -49,6 +50,87 @@ pub struct HttpClientMetrics {
     pub duration: HistFamily,
 }
 
+/// The most HTTP series of one kind (server or client) a process keeps handles to;
+/// past it, requests are still counted, through the family's own look-up.
+const MAX_CACHED_SERIES: usize = 4096;
+
+/// One (route or target, method, status) series pair, held so that counting a
+/// request is two atomic updates: no label strings built, no family look-up.
+#[derive(Clone)]
+struct Series {
+    requests: Counter,
+    duration: Histogram,
+}
+
+/// Handles to the series already seen, by route (or target), then method and
+/// status. A look-up borrows the request's strings.
+#[derive(Default)]
+struct SeriesCache {
+    by_label: RwLock<HashMap<Box<str>, Vec<MethodStatus>>>,
+}
+
+/// A method label, a status and their series.
+type MethodStatus = (&'static str, u16, Series);
+
+impl SeriesCache {
+    fn observe(
+        &self,
+        families: (&Family<HttpLabels, Counter>, &HistFamily),
+        key: &'static str,
+        label: &str,
+        method: &str,
+        status: u16,
+        seconds: f64,
+    ) {
+        let method = method_label(method);
+        if let Ok(map) = self.by_label.read() {
+            if let Some(s) = map.get(label).and_then(|v| {
+                v.iter()
+                    .find(|(m, st, _)| *m == method && *st == status)
+                    .map(|(_, _, s)| s)
+            }) {
+                s.requests.inc();
+                s.duration.observe(seconds);
+                return;
+            }
+        }
+        let labels = [
+            (key, label.to_string()),
+            ("method", method.to_string()),
+            ("status", status.to_string()),
+        ];
+        let series = Series {
+            requests: families.0.get_or_create(&labels).clone(),
+            duration: families.1.get_or_create(&labels).clone(),
+        };
+        series.requests.inc();
+        series.duration.observe(seconds);
+        if let Ok(mut map) = self.by_label.write() {
+            let held: usize = map.values().map(Vec::len).sum();
+            if held < MAX_CACHED_SERIES {
+                let list = map.entry(label.into()).or_default();
+                if !list.iter().any(|(m, st, _)| *m == method && *st == status) {
+                    list.push((method, status, series));
+                }
+            }
+        }
+    }
+}
+
+/// The method label: the standard methods by name, any other token as `_OTHER` (as
+/// OpenTelemetry's conventions do), so a client inventing methods cannot grow the
+/// series without bound.
+fn method_label(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    KNOWN
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("_OTHER")
+}
+
 /// A process's metrics registry plus the standard HTTP families.
 #[derive(Clone)]
 pub struct Metrics {
@@ -57,6 +139,8 @@ pub struct Metrics {
     pub http_server: HttpServerMetrics,
     /// Client-side HTTP series.
     pub http_client: HttpClientMetrics,
+    server_series: Arc<SeriesCache>,
+    client_series: Arc<SeriesCache>,
 }
 
 impl Metrics {
@@ -103,6 +187,8 @@ impl Metrics {
             registry: Arc::new(Mutex::new(registry)),
             http_server,
             http_client,
+            server_series: Arc::default(),
+            client_series: Arc::default(),
         }
     }
 
@@ -125,30 +211,26 @@ impl Metrics {
 
     /// Record one finished server request.
     pub fn observe_server(&self, route: &str, method: &str, status: u16, seconds: f64) {
-        let labels = [
-            ("route", route.to_string()),
-            ("method", method.to_string()),
-            ("status", status.to_string()),
-        ];
-        self.http_server.requests.get_or_create(&labels).inc();
-        self.http_server
-            .duration
-            .get_or_create(&labels)
-            .observe(seconds);
+        self.server_series.observe(
+            (&self.http_server.requests, &self.http_server.duration),
+            "route",
+            route,
+            method,
+            status,
+            seconds,
+        );
     }
 
     /// Record one finished client call (`status` 0 when no response came back).
     pub fn observe_client(&self, target: &str, method: &str, status: u16, seconds: f64) {
-        let labels = [
-            ("target", target.to_string()),
-            ("method", method.to_string()),
-            ("status", status.to_string()),
-        ];
-        self.http_client.requests.get_or_create(&labels).inc();
-        self.http_client
-            .duration
-            .get_or_create(&labels)
-            .observe(seconds);
+        self.client_series.observe(
+            (&self.http_client.requests, &self.http_client.duration),
+            "target",
+            target,
+            method,
+            status,
+            seconds,
+        );
     }
 }
 
@@ -172,5 +254,30 @@ mod tests {
             text.contains("shoal_http_server_requests_in_flight{service=\"catalog\"} 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn repeated_series_count_through_their_handles() {
+        let m = Metrics::new("gateway");
+        for _ in 0..3 {
+            m.observe_server("/hello", "GET", 200, 0.001);
+        }
+        m.observe_server("/hello", "GET", 503, 0.001);
+        m.observe_client("hello", "GET", 200, 0.001);
+        m.observe_client("hello", "GET", 200, 0.001);
+        // An invented method is one series, whatever its spelling.
+        m.observe_server("/hello", "BREW", 200, 0.001);
+        m.observe_server("/hello", "PROPFIND", 200, 0.001);
+        let text = m.render();
+        for want in [
+            r#"shoal_http_server_requests_total{service="gateway",route="/hello",method="GET",status="200"} 3"#,
+            r#"shoal_http_server_requests_total{service="gateway",route="/hello",method="GET",status="503"} 1"#,
+            r#"shoal_http_client_requests_total{service="gateway",target="hello",method="GET",status="200"} 2"#,
+            r#"shoal_http_server_requests_total{service="gateway",route="/hello",method="_OTHER",status="200"} 2"#,
+            r#"shoal_http_server_request_duration_seconds_count{service="gateway",route="/hello",method="GET",status="200"} 3"#,
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+        assert!(!text.contains("BREW"), "{text}");
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! Recording never blocks and never fails the work it describes: a span goes into a
 //! bounded queue (dropped and counted when the queue is full) and an exporter task
-//! sends batches as OTLP/HTTP JSON (`POST <endpoint>`, the encoding the OTLP spec
+//! wakes when a batch is full or its flush interval has passed, and sends batches
+//! as OTLP/HTTP JSON (`POST <endpoint>`, the encoding the OTLP spec
 //! defines for HTTP) to the control plane's collector by default, or to any OTLP
 //! receiver (an OpenTelemetry Collector, Jaeger, Tempo) by configuration.
 //!
@@ -26,9 +27,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
 use shoal_core::trace::TraceContext;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 /// What a span stands for, as OTLP numbers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,9 +226,56 @@ pub struct Resource {
 
 struct Inner {
     resource: Resource,
-    queue: mpsc::Sender<SpanRecord>,
+    queue: Arc<Queue>,
     sample_ratio: f64,
     dropped: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl Drop for Inner {
+    // The last tracer is gone: the exporter sends what is queued and ends.
+    fn drop(&mut self) {
+        self.queue.closed.store(true, Ordering::Release);
+        self.queue.ready.notify_one();
+    }
+}
+
+/// Finished spans waiting for the exporter. A vector under a lock rather than a
+/// channel: a request's spans are two pushes, and the exporter is woken once per
+/// batch (or flush interval), not once per span.
+struct Queue {
+    spans: Mutex<Vec<SpanRecord>>,
+    capacity: usize,
+    batch: usize,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl Queue {
+    /// Queue `span`; `false` when the queue is full.
+    fn push(&self, span: SpanRecord) -> bool {
+        let Ok(mut spans) = self.spans.lock() else {
+            return false;
+        };
+        if spans.len() >= self.capacity {
+            return false;
+        }
+        spans.push(span);
+        if spans.len() == self.batch {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.spans.lock().map_or(0, |s| s.len())
+    }
+
+    /// Swap the queued spans into `buf` (empty, its capacity kept for the queue).
+    fn take(&self, buf: &mut Vec<SpanRecord>) {
+        if let Ok(mut spans) = self.spans.lock() {
+            std::mem::swap(&mut *spans, buf);
+        }
+    }
 }
 
 /// Records spans for one service instance; cheap to clone. [`Tracer::disabled`]
@@ -266,7 +315,13 @@ impl Tracer {
         let uri = check_endpoint(endpoint).map_err(|m| {
             shoal_core::Error::config(format!("tracing endpoint {endpoint:?}: {m}"))
         })?;
-        let (tx, rx) = mpsc::channel(cfg.queue_spans);
+        let queue = Arc::new(Queue {
+            spans: Mutex::new(Vec::with_capacity(cfg.batch_spans.min(cfg.queue_spans))),
+            capacity: cfg.queue_spans,
+            batch: cfg.batch_spans,
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
         let dropped = Family::<[(&'static str, &'static str); 1], Counter>::default();
         let exported = Counter::default();
         metrics.register(
@@ -288,10 +343,10 @@ impl Tracer {
             dropped: dropped.clone(),
             exported,
         };
-        tokio::spawn(exporter.run(rx));
+        tokio::spawn(exporter.run(queue.clone()));
         Ok(Self(Some(Arc::new(Inner {
             resource,
-            queue: tx,
+            queue,
             sample_ratio: cfg.sample_ratio,
             dropped,
         }))))
@@ -318,7 +373,7 @@ impl Tracer {
         if span.context.flags & 1 == 0 {
             return;
         }
-        if inner.queue.try_send(span).is_err() {
+        if !inner.queue.push(span) {
             inner
                 .dropped
                 .get_or_create(&[("reason", "queue_full")])
@@ -435,33 +490,28 @@ struct Exporter {
 }
 
 impl Exporter {
-    async fn run(self, mut rx: mpsc::Receiver<SpanRecord>) {
+    async fn run(self, queue: Arc<Queue>) {
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build_http();
-        let mut buf: Vec<SpanRecord> = Vec::with_capacity(self.batch);
+        let mut buf: Vec<SpanRecord> = Vec::new();
         loop {
-            // Wait for a first span, then for more until the batch is full or the
-            // flush interval has passed since that first one.
-            match rx.recv().await {
-                Some(s) => buf.push(s),
-                None => return,
-            }
-            let until = tokio::time::Instant::now() + self.flush;
-            let mut closed = false;
-            while buf.len() < self.batch {
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(s)) => buf.push(s),
-                    Ok(None) => {
-                        closed = true;
-                        break;
-                    }
-                    Err(_) => break,
+            // A span waits at most one flush interval; a full batch goes at once.
+            let closed = queue.closed.load(Ordering::Acquire);
+            if !closed && queue.len() < self.batch {
+                tokio::select! {
+                    () = tokio::time::sleep(self.flush) => {}
+                    () = queue.ready.notified() => {}
                 }
             }
-            self.send(&client, &buf).await;
+            queue.take(&mut buf);
+            for chunk in buf.chunks(self.batch) {
+                self.send(&client, chunk).await;
+            }
             buf.clear();
             if closed {
+                // Closed means no tracer is left (a span being recorded holds
+                // one), so nothing can be queued after the take above.
                 return;
             }
         }
@@ -674,6 +724,77 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("use http"));
+    }
+
+    /// A receiver on 127.0.0.1:0 that keeps the span names of every export.
+    async fn receiver() -> (String, Arc<Mutex<Vec<Vec<String>>>>) {
+        let got: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+        let keep = got.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: Bytes| {
+                let keep = keep.clone();
+                async move {
+                    let v: Value = serde_json::from_slice(&body).unwrap();
+                    let names = v["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|s| s["name"].as_str().unwrap().to_string())
+                        .collect();
+                    keep.lock().unwrap().push(names);
+                    "{}"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, got)
+    }
+
+    async fn wait_for(got: &Mutex<Vec<Vec<String>>>, exports: usize) -> Vec<Vec<String>> {
+        for _ in 0..500 {
+            let now = got.lock().unwrap().clone();
+            if now.len() >= exports {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {exports} exports: {:?}", got.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_goes_at_once_and_the_last_spans_at_close() {
+        let (url, got) = receiver().await;
+        let metrics = Metrics::new("orders");
+        // A flush interval far longer than the test: only a full batch, or the
+        // tracer's end, sends anything.
+        let t = Tracer::start(
+            resource(),
+            &url,
+            &TracingConfig {
+                batch_spans: 3,
+                flush_interval_ms: 3_600_000,
+                ..TracingConfig::default()
+            },
+            &metrics,
+        )
+        .unwrap();
+        let root = TraceContext::new_root();
+        for name in ["a", "b", "c"] {
+            drop(t.span(root.child(), Some(root.span_id), SpanKind::Internal, name));
+        }
+        let first = wait_for(&got, 1).await;
+        assert_eq!(first[0], ["a", "b", "c"]);
+        drop(t.span(root.child(), Some(root.span_id), SpanKind::Internal, "d"));
+        let held = t.clone();
+        drop(t);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(got.lock().unwrap().len(), 1, "a clone still records");
+        drop(held);
+        let all = wait_for(&got, 2).await;
+        assert_eq!(all[1], ["d"]);
     }
 
     #[tokio::test]

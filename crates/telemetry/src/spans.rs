@@ -235,17 +235,21 @@ impl Drop for Inner {
     // The last tracer is gone: the exporter sends what is queued and ends.
     fn drop(&mut self) {
         self.queue.closed.store(true, Ordering::Release);
+        self.queue.arrived.notify_one();
         self.queue.ready.notify_one();
     }
 }
 
 /// Finished spans waiting for the exporter. A vector under a lock rather than a
-/// channel: a request's spans are two pushes, and the exporter is woken once per
-/// batch (or flush interval), not once per span.
+/// channel: a request's spans are two pushes, and the exporter is woken twice per
+/// batch (its first span, and a full batch), not once per span.
 struct Queue {
     spans: Mutex<Vec<SpanRecord>>,
     capacity: usize,
     batch: usize,
+    /// The queue went from empty to one span: the batch's flush interval starts.
+    arrived: Notify,
+    /// The queue holds a full batch.
     ready: Notify,
     closed: AtomicBool,
 }
@@ -260,6 +264,9 @@ impl Queue {
             return false;
         }
         spans.push(span);
+        if spans.len() == 1 {
+            self.arrived.notify_one();
+        }
         if spans.len() == self.batch {
             self.ready.notify_one();
         }
@@ -319,6 +326,7 @@ impl Tracer {
             spans: Mutex::new(Vec::with_capacity(cfg.batch_spans.min(cfg.queue_spans))),
             capacity: cfg.queue_spans,
             batch: cfg.batch_spans,
+            arrived: Notify::new(),
             ready: Notify::new(),
             closed: AtomicBool::new(false),
         });
@@ -495,15 +503,23 @@ impl Exporter {
             .pool_idle_timeout(Duration::from_secs(30))
             .build_http();
         let mut buf: Vec<SpanRecord> = Vec::new();
+        let closed = || queue.closed.load(Ordering::Acquire);
         loop {
-            // A span waits at most one flush interval; a full batch goes at once.
-            let closed = queue.closed.load(Ordering::Acquire);
-            if !closed && queue.len() < self.batch {
+            // Wait for a first span, then for more until the batch is full or the
+            // flush interval has passed since that first one: spans recorded close
+            // together (one request's, in one process) go in one export. A wake-up
+            // left over from an earlier batch only makes the loop look again.
+            while queue.len() == 0 && !closed() {
+                queue.arrived.notified().await;
+            }
+            let until = tokio::time::Instant::now() + self.flush;
+            while queue.len() < self.batch && !closed() {
                 tokio::select! {
-                    () = tokio::time::sleep(self.flush) => {}
+                    () = tokio::time::sleep_until(until) => break,
                     () = queue.ready.notified() => {}
                 }
             }
+            let closed = closed();
             queue.take(&mut buf);
             for chunk in buf.chunks(self.batch) {
                 self.send(&client, chunk).await;

@@ -13,7 +13,8 @@
 //! subscriptions wake at once instead of at the next poll.
 
 use crate::store::{
-    advance, answers, db_err, fail_all, id_taken, lookups, plan, rows_of, Encoded, Stored, Write,
+    advance, answers, appends_of, db_err, fail_all, id_taken, lookups, plan, rows_of, Encoded,
+    Stored, Write,
 };
 use crate::types::Appended;
 use shoal_core::Error;
@@ -22,6 +23,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// The version of the event store's tables this code writes on PostgreSQL, kept in
+/// `_shoal_es_schema`: the `3` in [`SCHEMA`]'s migration block. (SQLite's tables
+/// have their own numbering, `crate::sqlite::SCHEMA_VERSION`.)
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 BEGIN;
@@ -35,8 +41,18 @@ CREATE TABLE IF NOT EXISTS _shoal_es_events (
     type_version BIGINT NOT NULL,
     data TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    recorded_at_ms BIGINT NOT NULL,
-    UNIQUE (stream, version)
+    recorded_at_ms BIGINT NOT NULL
+);
+-- One row per append: its events are at the positions from first_position on, one
+-- per version from first_version to last_version. The key makes a version taken
+-- twice fail. (An index on the events' (stream, version) instead costs every
+-- commit an index entry per event.)
+CREATE TABLE IF NOT EXISTS _shoal_es_appends (
+    stream TEXT NOT NULL,
+    last_version BIGINT NOT NULL,
+    first_version BIGINT NOT NULL,
+    first_position BIGINT NOT NULL,
+    PRIMARY KEY (stream, last_version)
 );
 CREATE TABLE IF NOT EXISTS _shoal_es_snapshots (
     stream TEXT PRIMARY KEY,
@@ -48,9 +64,10 @@ CREATE TABLE IF NOT EXISTS _shoal_es_checkpoints (
     projection TEXT PRIMARY KEY,
     position BIGINT NOT NULL
 );
--- The schema's version (see SCHEMA_VERSION in postgres.rs). 1 (no row): the events
+-- The schema's version (SCHEMA_VERSION in postgres.rs). 1 (no row): the events
 -- table had a unique index on the event id. 2: none; repeated appends are
 -- recognised through (stream, version), and the group function takes the probes.
+-- 3: the events' (stream, version) index replaced by _shoal_es_appends.
 CREATE TABLE IF NOT EXISTS _shoal_es_schema (
     version BIGINT NOT NULL
 );
@@ -58,15 +75,24 @@ DO $m$
 DECLARE
     v BIGINT := COALESCE((SELECT MAX(version) FROM _shoal_es_schema), 1);
 BEGIN
-    IF v > 2 THEN
-        RAISE EXCEPTION 'the event store''s tables are at schema version %, newer than this build''s 2', v;
+    IF v > 3 THEN
+        RAISE EXCEPTION 'the event store''s tables are at schema version %, newer than this build''s 3', v;
     END IF;
     IF v < 2 THEN
         ALTER TABLE _shoal_es_events DROP CONSTRAINT IF EXISTS _shoal_es_events_id_key;
         DROP FUNCTION IF EXISTS _shoal_es_append_group(TEXT[], SMALLINT[], BIGINT[], INT[],
             BIGINT[], TEXT[], TEXT[], BIGINT[], TEXT[], TEXT[], BIGINT, TEXT);
+    END IF;
+    IF v < 3 THEN
+        -- Appends of older tables are not on record: each run of a stream's events
+        -- at consecutive positions (the same position - version) is one row, which
+        -- finds the same events.
+        INSERT INTO _shoal_es_appends (stream, last_version, first_version, first_position)
+            SELECT stream, MAX(version), MIN(version), MIN(position)
+              FROM _shoal_es_events GROUP BY stream, position - version;
+        ALTER TABLE _shoal_es_events DROP CONSTRAINT IF EXISTS _shoal_es_events_stream_version_key;
         DELETE FROM _shoal_es_schema;
-        INSERT INTO _shoal_es_schema (version) VALUES (2);
+        INSERT INTO _shoal_es_schema (version) VALUES (3);
     END IF;
 END
 $m$;
@@ -94,22 +120,34 @@ BEGIN
     IF EXISTS (
         SELECT 1 FROM UNNEST(a_stream, a_kind, a_expected) AS a(s, kind, expected)
          WHERE a.kind <> 0
-           AND COALESCE((SELECT MAX(e.version) FROM _shoal_es_events e WHERE e.stream = a.s), 0)
+           AND COALESCE((SELECT MAX(x.last_version) FROM _shoal_es_appends x WHERE x.stream = a.s), 0)
                <> CASE a.kind WHEN 1 THEN 0 ELSE a.expected END
     ) THEN
         RETURN;
     END IF;
-    -- LATERAL: each probe is an index range scan with its bounds known; a join lets
-    -- the planner scan the whole stream and filter the versions afterwards.
+    -- A probe's versions lo..=hi are in the appends from the one holding lo to the
+    -- one holding hi (or the newest), and within each at the positions from its
+    -- first. LATERAL: each probe is index ranges with their bounds known; a join
+    -- lets the planner scan a whole stream and filter afterwards.
     IF EXISTS (
         WITH p AS MATERIALIZED (
-            SELECT p.s, p.id, p.lo, p.hi,
-                   COALESCE((SELECT MAX(e.version) FROM _shoal_es_events e WHERE e.stream = p.s), 0) AS v
+            SELECT p.s, p.id, v + p.lo AS lo, v + p.hi AS hi
               FROM UNNEST(p_stream, p_id, p_lo, p_hi) AS p(s, id, lo, hi)
+             CROSS JOIN LATERAL (
+                 SELECT COALESCE(MAX(x.last_version), 0) AS v
+                   FROM _shoal_es_appends x WHERE x.stream = p.s
+             ) AS cur
         )
         SELECT 1 FROM p CROSS JOIN LATERAL (
-            SELECT 1 FROM _shoal_es_events e
-             WHERE e.stream = p.s AND e.version BETWEEN p.v + p.lo AND p.v + p.hi AND e.id = p.id
+            SELECT 1 FROM _shoal_es_appends a
+              JOIN _shoal_es_events e
+                ON e.position BETWEEN a.first_position + GREATEST(p.lo, a.first_version) - a.first_version
+                                  AND a.first_position + LEAST(p.hi, a.last_version) - a.first_version
+             WHERE a.stream = p.s
+               AND a.last_version BETWEEN p.lo AND COALESCE(
+                   (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                     WHERE b.stream = p.s AND b.last_version >= p.hi), p.hi)
+               AND e.id = p.id
              LIMIT 1
         ) AS hit
     ) THEN
@@ -120,19 +158,26 @@ BEGIN
     -- Materialized: each stream's version is looked up once, not once per event.
     WITH cur AS MATERIALIZED (
         SELECT a.idx, a.s,
-               COALESCE((SELECT MAX(e.version) FROM _shoal_es_events e WHERE e.stream = a.s), 0) AS v
+               COALESCE((SELECT MAX(x.last_version) FROM _shoal_es_appends x WHERE x.stream = a.s), 0) AS v
           FROM UNNEST(a_stream) WITH ORDINALITY AS a(s, idx)
+    ), ev AS MATERIALIZED (
+        SELECT * FROM UNNEST(e_append, e_k, e_id, e_type, e_type_version, e_data, e_metadata)
+               WITH ORDINALITY AS ev(idx, k, id, t, tv, d, m, ord)
     ), ins AS (
         INSERT INTO _shoal_es_events
                (position, stream, version, id, event_type, type_version, data, metadata, recorded_at_ms)
         SELECT head + ev.ord, cur.s, cur.v + ev.k, ev.id, ev.t, ev.tv, ev.d, ev.m, now_ms
-          FROM UNNEST(e_append, e_k, e_id, e_type, e_type_version, e_data, e_metadata)
-               WITH ORDINALITY AS ev(idx, k, id, t, tv, d, m, ord)
-          JOIN cur ON cur.idx = ev.idx
-        RETURNING _shoal_es_events.stream AS s, _shoal_es_events.version AS v,
-                  _shoal_es_events.position AS p
+          FROM ev JOIN cur ON cur.idx = ev.idx
+    ), app AS (
+        INSERT INTO _shoal_es_appends (stream, last_version, first_version, first_position)
+        SELECT cur.s, cur.v + COUNT(*), cur.v + 1, head + MIN(ev.ord)
+          FROM ev JOIN cur ON cur.idx = ev.idx
+         GROUP BY cur.idx, cur.s, cur.v
+        RETURNING _shoal_es_appends.stream AS s, _shoal_es_appends.last_version AS v,
+                  _shoal_es_appends.first_position + _shoal_es_appends.last_version
+                      - _shoal_es_appends.first_version AS p
     )
-    SELECT ins.s, MAX(ins.v), MAX(ins.p) FROM ins GROUP BY ins.s;
+    SELECT app.s, app.v, app.p FROM app;
     PERFORM pg_notify(channel, (head + cardinality(e_id))::text);
 END
 $fn$;
@@ -154,12 +199,19 @@ pub(crate) async fn prepare(pool: &PgPool) -> Result<(u64, String), Error> {
         let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
         return Err(db_err("creating the event store's tables")(e));
     }
-    let (head, schema): (i64, String) = sqlx::query_as(
-        "SELECT COALESCE(MAX(position), 0), current_schema()::text FROM _shoal_es_events",
+    let (head, schema, version): (i64, String, Option<i64>) = sqlx::query_as(
+        "SELECT COALESCE(MAX(position), 0), current_schema()::text,
+                (SELECT MAX(version) FROM _shoal_es_schema)
+           FROM _shoal_es_events",
     )
     .fetch_one(&mut *conn)
     .await
     .map_err(db_err("reading the event store's head"))?;
+    if version != Some(SCHEMA_VERSION) {
+        return Err(Error::internal(format!(
+            "the event store's tables are at schema version {version:?} after set-up, not {SCHEMA_VERSION}"
+        )));
+    }
     // A channel name is at most 63 bytes; schema names are too, so cut.
     let channel: String = format!("shoal_es.{schema}").chars().take(63).collect();
     Ok((head as u64, channel))
@@ -434,17 +486,26 @@ async fn try_append_group(
     let checked: Vec<(i64, String, String, i64, i64)> = sqlx::query_as(
         "WITH v AS MATERIALIZED (
              SELECT s.stream,
-                    COALESCE((SELECT MAX(e.version) FROM _shoal_es_events e WHERE e.stream = s.stream), 0)::int8 AS v
+                    COALESCE((SELECT MAX(x.last_version) FROM _shoal_es_appends x
+                               WHERE x.stream = s.stream), 0)::int8 AS v
                FROM UNNEST($1::text[]) AS s(stream)
+         ), p AS MATERIALIZED (
+             SELECT p.s, p.id, p.lo + p.h * v.v AS lo, p.hi + p.h * v.v AS hi
+               FROM UNNEST($2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[]) AS p(s, id, h, lo, hi)
+               JOIN v ON v.stream = p.s
          )
          SELECT 0::int8, v.stream, ''::text, v.v, 0::int8 FROM v
          UNION ALL
          SELECT 1, e.id, e.stream, e.version, e.position
-           FROM UNNEST($2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[]) AS p(s, id, h, lo, hi)
-           JOIN v ON v.stream = p.s
-           CROSS JOIN LATERAL (
-               SELECT x.id, x.stream, x.version, x.position FROM _shoal_es_events x
-                WHERE x.stream = p.s AND x.version BETWEEN p.lo + p.h * v.v AND p.hi + p.h * v.v
+           FROM p CROSS JOIN LATERAL (
+               SELECT x.id, x.stream, x.version, x.position FROM _shoal_es_appends a
+                 JOIN _shoal_es_events x
+                   ON x.position BETWEEN a.first_position + GREATEST(p.lo, a.first_version) - a.first_version
+                                     AND a.first_position + LEAST(p.hi, a.last_version) - a.first_version
+                WHERE a.stream = p.s
+                  AND a.last_version BETWEEN p.lo AND COALESCE(
+                      (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                        WHERE b.stream = p.s AND b.last_version >= p.hi), p.hi)
                   AND x.id = p.id
            ) AS e
          UNION ALL
@@ -486,8 +547,13 @@ async fn try_append_group(
             version.push((base + k) as i64);
             events.push(e);
         }
+        let appends = appends_of(group, &plans, head + 1);
         let inserted = sqlx::query(
-            "INSERT INTO _shoal_es_events
+            "WITH app AS (
+                 INSERT INTO _shoal_es_appends (stream, last_version, first_version, first_position)
+                 SELECT * FROM UNNEST($10::text[], $11::int8[], $12::int8[], $13::int8[])
+             )
+             INSERT INTO _shoal_es_events
                (position, stream, version, id, event_type, type_version, data, metadata, recorded_at_ms)
              SELECT u.*, $9::int8 FROM UNNEST($1::int8[], $2::text[], $3::int8[], $4::text[],
                                               $5::text[], $6::int8[], $7::text[], $8::text[]) AS u",
@@ -501,6 +567,10 @@ async fn try_append_group(
         .bind(&events.data)
         .bind(&events.metadata)
         .bind(shoal_core::unix_ms() as i64)
+        .bind(appends.iter().map(|a| a.0).collect::<Vec<_>>())
+        .bind(appends.iter().map(|a| a.1).collect::<Vec<_>>())
+        .bind(appends.iter().map(|a| a.2).collect::<Vec<_>>())
+        .bind(appends.iter().map(|a| a.3).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await;
         match inserted {

@@ -1,20 +1,27 @@
 //! The event store's writer on SQLite.
 //!
 //! With `synchronous = FULL` every commit is an fsync. SQLite has one writer at a
-//! time and positions are assigned in commit order (`AUTOINCREMENT`), so the global
-//! order a reader sees has no gaps. sqlx runs every statement as a round trip to the
-//! connection's thread, so a group is written in as few statements as possible: one
-//! query checks every append, one INSERT writes every accepted event.
+//! time; the writer reads the head position inside its `BEGIN IMMEDIATE`
+//! transaction and writes the next ones, so positions are assigned in commit order
+//! and the global order a reader sees has no gaps. Triggers refuse deleting an event
+//! or changing its position, so a position is never handed out twice. sqlx runs
+//! every statement as a round trip to the connection's thread, so a group is
+//! written in as few statements as possible: one query checks every append and
+//! reads the head, one more writes every accepted event and commits.
 //!
-//! The events table has two indexes, the row id (the position) and a unique one on
-//! (stream, version); there is none on the event id. Each index costs every commit
-//! a few more pages in the WAL (measured: 11.4 pages per 100 rows for the bare
-//! table, 22.0 with the event id index of schema 1, 16.6 without it), and the
-//! commit's time follows the pages it writes. A repeated append is recognised
-//! through (stream, version) instead (see [`crate::store::lookups`]).
+//! A commit's time follows the pages it writes to the WAL (the profile is fsync and
+//! page writes), and each index of the events table costs every commit pages. So
+//! the events table has one, the position (the row id), as a bare table would; a
+//! stream's events are found through `_shoal_es_appends`, one row per append
+//! (stream, last and first versions, first position), whose events are the
+//! positions from the first on, one per version. Counted (WAL pages per commit of
+//! 100 events, after 200,000): bare table 11.4; schema 1 (indexes on the event id
+//! and on (stream, version), AUTOINCREMENT) 22.0; schema 2 (no event id index)
+//! 16.2; schema 3 (this) 12.5 with 1 stream, 12.7 with 1,000. A repeated append is
+//! recognised through (stream, version) (see [`crate::store::lookups`]).
 
 use crate::store::{
-    answers, db_err, fail_all, id_taken, lookups, plan, rows_of, Encoded, Stored, Write,
+    answers, appends_of, db_err, fail_all, id_taken, lookups, plan, rows_of, Encoded, Stored, Write,
 };
 use crate::types::Appended;
 use shoal_core::Error;
@@ -24,7 +31,9 @@ use std::collections::HashMap;
 /// The version of the event store's tables this code writes; kept in
 /// `_shoal_es_schema`. 1 (no row): the events table had a unique index on the event
 /// id. 2: it has none; repeated appends are recognised through (stream, version).
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+/// 3: positions without `AUTOINCREMENT` (guarded by triggers), and the (stream,
+/// version) index replaced by `_shoal_es_appends`, one row per append.
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS _shoal_es_schema (
@@ -42,14 +51,17 @@ CREATE TABLE IF NOT EXISTS _shoal_es_checkpoints (
 );
 ";
 
-/// The events table of schema 2, named `$table`.
-macro_rules! events_table {
+/// The tables of schema 3, the events table named `$table`, without the triggers.
+/// An append of n events to a stream at version v, written from position p: events
+/// at positions p..p+n-1 with versions v+1..v+n, and one row (stream, v+n, v+1, p)
+/// in `_shoal_es_appends`, whose key makes a version taken twice fail.
+macro_rules! tables {
     ($table:literal) => {
         concat!(
             "CREATE TABLE ",
             $table,
             " (
-    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    position INTEGER PRIMARY KEY,
     stream TEXT NOT NULL,
     version INTEGER NOT NULL,
     id TEXT NOT NULL,
@@ -57,30 +69,48 @@ macro_rules! events_table {
     type_version INTEGER NOT NULL,
     data TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    recorded_at_ms INTEGER NOT NULL,
-    UNIQUE (stream, version)
-);"
+    recorded_at_ms INTEGER NOT NULL
+);
+CREATE TABLE _shoal_es_appends (
+    stream TEXT NOT NULL,
+    last_version INTEGER NOT NULL,
+    first_version INTEGER NOT NULL,
+    first_position INTEGER NOT NULL,
+    PRIMARY KEY (stream, last_version)
+) WITHOUT ROWID;"
         )
     };
 }
 
-/// Schema 1 to 2: SQLite cannot drop the index of a column's `UNIQUE`, so the
-/// events table is copied into one without it (positions kept, and AUTOINCREMENT's
-/// high-water mark with them), in the transaction that checked the version.
-const MIGRATE_1_TO_2: &str = concat!(
-    events_table!("_shoal_es_events_v2"),
+/// Positions are one past the largest stored: deleting the newest events would
+/// hand their positions out again, to events a projection past them would never
+/// see. So events are never deleted, nor their positions changed.
+const GUARDS: &str = "
+CREATE TRIGGER _shoal_es_events_kept BEFORE DELETE ON _shoal_es_events
+BEGIN SELECT RAISE(ABORT, 'event store: events are never deleted'); END;
+CREATE TRIGGER _shoal_es_events_placed BEFORE UPDATE OF position ON _shoal_es_events
+BEGIN SELECT RAISE(ABORT, 'event store: an event''s position never changes'); END;
+";
+
+/// Schema 1 or 2 to 3, in the transaction that checked the version: SQLite can
+/// drop neither a column's `UNIQUE` nor `AUTOINCREMENT`, so the events are copied
+/// into a new table, positions kept. Their appends are not on record; each run of
+/// a stream's events at consecutive positions (the same position − version) is one
+/// row, which finds the same events. The caller first makes sure no position above
+/// the last stored one was ever handed out.
+const MIGRATE_TO_3: &str = concat!(
+    tables!("_shoal_es_events_v3"),
     "
-INSERT INTO _shoal_es_events_v2
+INSERT INTO _shoal_es_events_v3
     (position, stream, version, id, event_type, type_version, data, metadata, recorded_at_ms)
     SELECT position, stream, version, id, event_type, type_version, data, metadata, recorded_at_ms
       FROM _shoal_es_events ORDER BY position;
-DELETE FROM sqlite_sequence WHERE name = '_shoal_es_events_v2';
-INSERT INTO sqlite_sequence (name, seq)
-    SELECT '_shoal_es_events_v2', MAX(seq) FROM (
-        SELECT seq FROM sqlite_sequence WHERE name = '_shoal_es_events'
-        UNION ALL SELECT COALESCE(MAX(position), 0) FROM _shoal_es_events_v2);
+INSERT INTO _shoal_es_appends (stream, last_version, first_version, first_position)
+    SELECT stream, MAX(version), MIN(version), MIN(position)
+      FROM _shoal_es_events_v3 GROUP BY stream, position - version;
 DROP TABLE _shoal_es_events;
-ALTER TABLE _shoal_es_events_v2 RENAME TO _shoal_es_events;
+ALTER TABLE _shoal_es_events_v3 RENAME TO _shoal_es_events;
+DELETE FROM sqlite_sequence WHERE name = '_shoal_es_events';
 "
 );
 
@@ -136,15 +166,40 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), Error> {
         )));
     }
     let change = if version == 0 {
-        events_table!("_shoal_es_events")
+        tables!("_shoal_es_events")
     } else {
-        tracing::info!("event store: moving the events table to schema 2 (no event id index)");
-        MIGRATE_1_TO_2
+        // AUTOINCREMENT's counter is above the last position only if the newest
+        // events were deleted by hand; without it, their positions would be handed
+        // out again.
+        let (handed_out, last): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = '_shoal_es_events'),
+                    (SELECT COALESCE(MAX(position), 0) FROM _shoal_es_events)",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_err(what))?;
+        if handed_out > last {
+            return Err(Error::config(format!(
+                "the event store's events after position {last} (up to {handed_out}) were deleted; \
+                 schema {SCHEMA_VERSION} would hand their positions out again, so the tables stay \
+                 at schema {version}: restore the events, or open the database with the build \
+                 that made it"
+            )));
+        }
+        tracing::info!(
+            from = version,
+            "event store: moving the events table to schema {SCHEMA_VERSION}"
+        );
+        MIGRATE_TO_3
     };
     sqlx::raw_sql(change)
         .execute(&mut *conn)
         .await
-        .map_err(db_err("migrating the event store's tables to schema 2"))?;
+        .map_err(db_err("migrating the event store's tables"))?;
+    sqlx::raw_sql(GUARDS)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err("migrating the event store's tables"))?;
     sqlx::query("DELETE FROM _shoal_es_schema; INSERT INTO _shoal_es_schema (version) VALUES ($1)")
         .bind(SCHEMA_VERSION)
         .execute(&mut *conn)
@@ -206,18 +261,20 @@ enum Ends {
     Neither,
 }
 
-/// Rows per INSERT statement: 8 values each, under SQLite's 32,766 variables. Tests
-/// use a tiny one so that groups of several statements (and their savepoint) are
-/// exercised by every larger append.
-const ROWS_PER_INSERT: usize = if cfg!(test) { 3 } else { 4_000 };
+/// Rows per INSERT statement: 9 values each, and with the group's appends (4
+/// values each, at most 512) under SQLite's 32,766 variables. Tests use a tiny one
+/// so that groups of several statements (and their savepoint) are exercised by
+/// every larger append.
+const ROWS_PER_INSERT: usize = if cfg!(test) { 3 } else { 3_000 };
 
-/// The whole group in a few statements: one query for the streams' versions and the
-/// repeated appends, then every accepted event in one INSERT (a few for a very
-/// large group), so the group costs about as much as one append.
+/// The whole group in a few statements: one query for the streams' versions, the
+/// repeated appends and the head, then every accepted event and append in one
+/// statement (a few for a very large group), so the group costs about as much as
+/// one append.
 ///
 /// With [`Ends::Both`] the check query begins the transaction (`BEGIN IMMEDIATE`)
-/// and the last INSERT commits it, when that is safe (one INSERT, no savepoint);
-/// the answer says whether it did.
+/// and the last statement commits it, when that is safe (one statement, no
+/// savepoint); the answer says whether it did.
 async fn append_group(
     conn: &mut SqliteConnection,
     group: &[Write],
@@ -225,23 +282,22 @@ async fn append_group(
 ) -> Result<(Vec<Result<Appended, Error>>, bool), GroupError> {
     let fatal = |what: &'static str| move |e: sqlx::Error| GroupError::Fatal(db_err(what)(e));
     let (streams, probes) = lookups(group);
-    // One sub-select per stream: SQLite answers `MAX(version)` for one stream from
-    // the end of the (stream, version) index. The probes go through the same index
-    // (a range of versions of one stream, the ids compared in the rows).
     let mut sql = String::from(if ends == Ends::Both {
         "BEGIN IMMEDIATE; "
     } else {
         ""
     });
     // A probe counted from its stream's version gets the version first (once per
-    // probe, materialized), then the events table is entered through the
-    // (stream, version) index at the probe's range; the cross join keeps SQLite
-    // from scanning a whole stream with the range checked afterwards.
+    // probe, materialized). Its versions lo..=lo+span are in the appends from the
+    // one holding lo to the one holding lo+span (or the newest), and within each
+    // at the positions from its first; SQLite walks the appends' key and the
+    // events' row ids, never a whole stream.
     sql.push_str(
         "WITH p AS MATERIALIZED (
              SELECT column1 AS stream, column2 AS id, column5 - column4 AS span,
                     column4 + CASE column3 WHEN 1 THEN
-                        (SELECT COALESCE(MAX(version), 0) FROM _shoal_es_events WHERE stream = column1)
+                        (SELECT COALESCE(MAX(last_version), 0) FROM _shoal_es_appends
+                          WHERE stream = column1)
                     ELSE 0 END AS lo
                FROM (VALUES ",
     );
@@ -250,15 +306,22 @@ async fn append_group(
         ")
          )
          SELECT 1, e.id, e.stream, e.version, e.position
-           FROM p CROSS JOIN _shoal_es_events e
-          WHERE e.stream = p.stream AND e.version BETWEEN p.lo AND p.lo + p.span AND e.id = p.id",
+           FROM p CROSS JOIN _shoal_es_appends a CROSS JOIN _shoal_es_events e
+          WHERE a.stream = p.stream
+            AND a.last_version BETWEEN p.lo AND COALESCE(
+                (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                  WHERE b.stream = p.stream AND b.last_version >= p.lo + p.span), p.lo + p.span)
+            AND e.position BETWEEN a.first_position + MAX(p.lo, a.first_version) - a.first_version
+                               AND a.first_position + MIN(p.lo + p.span, a.last_version) - a.first_version
+            AND e.id = p.id",
     );
     // The streams' versions from a VALUES list too: a compound SELECT has at most
     // 500 terms, and a group up to 512 streams.
     sql.push_str(&format!(
         " UNION ALL SELECT 0, column1, '',
-              (SELECT COALESCE(MAX(version), 0) FROM _shoal_es_events WHERE stream = column1), 0
-            FROM (VALUES {})",
+              (SELECT COALESCE(MAX(last_version), 0) FROM _shoal_es_appends WHERE stream = column1), 0
+            FROM (VALUES {})
+          UNION ALL SELECT 2, '', '', (SELECT COALESCE(MAX(position), 0) FROM _shoal_es_events), 0",
         vec!["(?)"; streams.len()].join(",")
     ));
     // Built from fixed fragments only; every value is bound.
@@ -276,21 +339,27 @@ async fn append_group(
     }
     let mut versions: HashMap<String, u64> = HashMap::new();
     let mut stored: Stored = HashMap::new();
+    let mut head = 0u64;
     for (kind, key, stream, version, position) in q
         .fetch_all(&mut *conn)
         .await
         .map_err(fatal("checking the group's appends"))?
     {
-        if kind == 0 {
-            versions.insert(key, version as u64);
-        } else {
-            stored.insert((stream, key), (version as u64, position as u64));
+        match kind {
+            0 => {
+                versions.insert(key, version as u64);
+            }
+            1 => {
+                stored.insert((stream, key), (version as u64, position as u64));
+            }
+            _ => head = version as u64,
         }
     }
     let (plans, rows) = plan(group, versions, &stored);
 
-    // Every accepted event, in order; positions follow one another.
-    let mut first_position = 0u64;
+    // Every accepted event, in order, from the position after the head; then one
+    // row per accepted append.
+    let first_position = head + 1;
     let mut committed = false;
     if rows > 0 {
         // One statement is undone by SQLite itself when it fails; several need a
@@ -304,15 +373,17 @@ async fn append_group(
         }
         let now = shoal_core::unix_ms() as i64;
         let pending = rows_of(group, &plans, rows);
-        let mut last_position = 0i64;
-        // A lone INSERT can carry the COMMIT: if it fails, the COMMIT is not run.
+        let appends = appends_of(group, &plans, first_position);
+        // The first statement carries the appends, ahead of its events: their key
+        // is the one a taken version breaks, and SQLite undoes the failed INSERT
+        // and runs nothing after it, so a refused group leaves nothing behind. A
+        // lone statement also carries the COMMIT, which is then not run either.
         let commit = ends == Ends::Both && !several;
-        for chunk in pending.chunks(ROWS_PER_INSERT) {
-            match insert_rows(conn, chunk, now, commit).await {
-                Ok(p) => {
-                    last_position = p;
-                    committed = commit;
-                }
+        for (i, chunk) in pending.chunks(ROWS_PER_INSERT).enumerate() {
+            let at = first_position + (i * ROWS_PER_INSERT) as u64;
+            let ahead = (i == 0).then_some(appends.as_slice());
+            match insert_rows(conn, ahead, chunk, at, now, commit).await {
+                Ok(()) => committed = commit,
                 Err(e)
                     if e.as_database_error()
                         .is_some_and(|d| d.is_unique_violation()) =>
@@ -334,36 +405,50 @@ async fn append_group(
                 .await
                 .map_err(fatal("finishing the group's insert"))?;
         }
-        first_position = last_position as u64 + 1 - rows as u64;
     }
     Ok((answers(group, plans, first_position), committed))
 }
 
-/// Insert rows (append, its base version, event, offset in the append) in one
-/// statement; the position of the last row.
+/// Insert `appends` (stream, last version, first version, first position) when
+/// given, then rows (append, its base version, event, offset in the append) at the
+/// positions from `first`, in one statement.
 async fn insert_rows(
     conn: &mut SqliteConnection,
+    appends: Option<&[(&str, i64, i64, i64)]>,
     rows: &[(&Write, u64, &Encoded, u64)],
+    first: u64,
     now: i64,
     commit: bool,
-) -> Result<i64, sqlx::Error> {
-    let mut sql = String::from(
-        "INSERT INTO _shoal_es_events
-         (stream, version, id, event_type, type_version, data, metadata, recorded_at_ms) VALUES ",
-    );
-    for i in 0..rows.len() {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?)");
+) -> Result<(), sqlx::Error> {
+    let appends = appends.unwrap_or_default();
+    let mut sql = String::new();
+    if !appends.is_empty() {
+        sql.push_str(
+            "INSERT INTO _shoal_es_appends (stream, last_version, first_version, first_position) VALUES ",
+        );
+        sql.push_str(&vec!["(?, ?, ?, ?)"; appends.len()].join(","));
+        sql.push_str("; ");
     }
+    sql.push_str(
+        "INSERT INTO _shoal_es_events
+         (position, stream, version, id, event_type, type_version, data, metadata, recorded_at_ms) VALUES ",
+    );
+    sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?)"; rows.len()].join(","));
     if commit {
         sql.push_str("; COMMIT");
     }
     // Built from fixed fragments only; every value is bound.
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for (w, base, e, k) in rows {
+    for (stream, last_version, first_version, first_position) in appends {
         q = q
+            .bind(*stream)
+            .bind(*last_version)
+            .bind(*first_version)
+            .bind(*first_position);
+    }
+    for (i, (w, base, e, k)) in rows.iter().enumerate() {
+        q = q
+            .bind((first + i as u64) as i64)
             .bind(&w.stream)
             .bind((base + k) as i64)
             .bind(&e.id)
@@ -373,7 +458,8 @@ async fn insert_rows(
             .bind(&e.metadata)
             .bind(now);
     }
-    Ok(q.execute(&mut *conn).await?.last_insert_rowid())
+    q.execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// One append alone (after its group was refused): a group of one, so the same

@@ -219,7 +219,7 @@ impl EventStore {
     pub async fn stream_version(&self, stream: &str) -> Result<u64, Error> {
         validate_stream_id(stream)?;
         let v: i64 = on_pool!(self.inner.db.native(), pool => sqlx::query_scalar(
-            "SELECT COALESCE(MAX(version), 0) FROM _shoal_es_events WHERE stream = $1",
+            "SELECT COALESCE(MAX(last_version), 0) FROM _shoal_es_appends WHERE stream = $1",
         )
         .bind(stream)
         .fetch_one(pool)
@@ -238,25 +238,68 @@ impl EventStore {
         max: usize,
     ) -> Result<Vec<RecordedEvent>, Error> {
         validate_stream_id(stream)?;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let max = max.min(limits::MAX_READ) as i64;
         let from = from.min(i64::MAX as u64) as i64;
-        let sql = match direction {
-            Direction::Forwards => concat!(
-                "SELECT ",
-                columns!(),
-                " FROM _shoal_es_events WHERE stream = $1 AND version >= $2 ORDER BY version ASC LIMIT $3"
-            ),
-            Direction::Backwards => concat!(
-                "SELECT ",
-                columns!(),
-                " FROM _shoal_es_events WHERE stream = $1 AND version <= $2 ORDER BY version DESC LIMIT $3"
+        // A stream's events are found through its appends (one row per append, see
+        // `crate::sqlite`): each append's events are at the positions from its
+        // first, one per version. A stream's versions have no gaps, so a page is
+        // the versions from..from+max-1 (forwards) or from-max+1..from, from at
+        // most the stream's version (backwards): only the appends holding them are
+        // read, found through their key, and only those rows are sorted.
+        let (sql, lo, hi) = match direction {
+            Direction::Forwards => {
+                let lo = from.max(1);
+                (
+                    "SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
+                            e.data, e.metadata, e.recorded_at_ms
+                       FROM _shoal_es_appends a CROSS JOIN _shoal_es_events e
+                      WHERE a.stream = $1
+                        AND a.last_version BETWEEN $2 AND COALESCE(
+                            (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                              WHERE b.stream = $1 AND b.last_version >= $3), $3)
+                        AND e.position BETWEEN a.first_position
+                                           AND a.first_position + a.last_version - a.first_version
+                        AND e.version BETWEEN $2 AND $3
+                      ORDER BY a.last_version ASC, e.position ASC LIMIT $4",
+                    lo,
+                    lo.saturating_add(max - 1),
+                )
+            }
+            // `top`: the last version of the append holding `from`, else the
+            // stream's version.
+            Direction::Backwards => (
+                "WITH top AS (
+                     SELECT COALESCE(
+                         (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                           WHERE b.stream = $1 AND b.last_version >= $2),
+                         (SELECT MAX(c.last_version) FROM _shoal_es_appends c WHERE c.stream = $1),
+                         0) AS t
+                 ), page AS (
+                     SELECT t, CASE WHEN $2 < t THEN $2 ELSE t END - $3 + 1 AS lo,
+                            CASE WHEN $2 < t THEN $2 ELSE t END AS hi
+                       FROM top
+                 )
+                 SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
+                        e.data, e.metadata, e.recorded_at_ms
+                   FROM page CROSS JOIN _shoal_es_appends a CROSS JOIN _shoal_es_events e
+                  WHERE a.stream = $1 AND a.last_version BETWEEN page.lo AND page.t
+                    AND e.position BETWEEN a.first_position
+                                       AND a.first_position + a.last_version - a.first_version
+                    AND e.version BETWEEN page.lo AND page.hi
+                  ORDER BY a.last_version DESC, e.position DESC LIMIT $4",
+                from,
+                max,
             ),
         };
-        let max = max.min(limits::MAX_READ) as i64;
         let up = &self.inner.upcasters;
         on_pool!(self.inner.db.native(), pool => {
             let rows = sqlx::query(sql)
                 .bind(stream)
-                .bind(from)
+                .bind(lo)
+                .bind(hi)
                 .bind(max)
                 .fetch_all(pool)
                 .await
@@ -427,7 +470,7 @@ pub(crate) struct Probe<'a> {
 }
 
 /// The streams of a group (each once) and the probes that tell whether an append
-/// repeats a stored one, through the (stream, version) index: for `NoStream` and
+/// repeats a stored one, by (stream, version) through the appends: for `NoStream` and
 /// `Exact(v)`, its first and last ids at versions v+1 and v+n (where a first try
 /// that succeeded put them, however much came after); for `Any`, its last id among
 /// the stream's newest [`REPEAT_WINDOW`] events and its first id n-1 versions
@@ -536,6 +579,32 @@ pub(crate) fn rows_of<'a>(
         }
     }
     pending
+}
+
+/// One row of `_shoal_es_appends` per append that `plans` insert: its stream, its
+/// last and first versions, and its first position, the group's rows starting at
+/// `first_position`.
+pub(crate) fn appends_of<'a>(
+    group: &'a [Write],
+    plans: &[Plan],
+    first_position: u64,
+) -> Vec<(&'a str, i64, i64, i64)> {
+    group
+        .iter()
+        .zip(plans)
+        .filter_map(|(w, plan)| match plan {
+            Plan::Insert {
+                version,
+                rows_before,
+            } => Some((
+                w.stream.as_str(),
+                (version + w.events.len() as u64) as i64,
+                (version + 1) as i64,
+                (first_position + *rows_before as u64) as i64,
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Each append's answer, once its rows (if any) are in at `first_position` on.

@@ -290,10 +290,10 @@ async fn ids_are_checked_only_where_a_repeat_would_be(k: Kind) {
     assert_positions_have_no_gaps(&all);
 }
 
-/// A database made by a build of schema 1 (a unique index on the event id) is moved
-/// to schema 2 when the store opens it: every event kept at its position, the
-/// index gone, appends going on after the head.
-async fn tables_of_schema_1_are_moved_to_schema_2_and_keep_every_event(k: Kind) {
+/// A database made by a build of schema 1 (a unique index on the event id) is
+/// brought to the current schema when the store opens it: every event kept at its
+/// position, the index gone, appends going on after the head.
+async fn tables_of_schema_1_are_brought_up_to_date_and_keep_every_event(k: Kind) {
     let db = fresh_db(k).await;
     let (int, old) = match k {
         Kind::Sqlite => ("INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT"),
@@ -331,6 +331,24 @@ async fn tables_of_schema_1_are_moved_to_schema_2_and_keep_every_event(k: Kind) 
         ]
     );
     assert_eq!(all[2].data, json!({"n": 3}));
+    // Stream a's events, apart in the global order, are found both ways.
+    let versions = |events: Vec<RecordedEvent>| {
+        events
+            .iter()
+            .map(|e| (e.version, e.position))
+            .collect::<Vec<_>>()
+    };
+    let a = s
+        .read_stream("a", 1, Direction::Forwards, 10)
+        .await
+        .unwrap();
+    assert_eq!(versions(a), [(1, 1), (2, 3)]);
+    let a = s
+        .read_stream("a", u64::MAX, Direction::Backwards, 10)
+        .await
+        .unwrap();
+    assert_eq!(versions(a), [(2, 3), (1, 1)]);
+    assert_eq!(s.stream_version("b").await.unwrap(), 1);
     // A retry of the append that wrote a:2 is recognised through the versions.
     let retry = NewEvent {
         id: "id-3".into(),
@@ -350,7 +368,7 @@ async fn tables_of_schema_1_are_moved_to_schema_2_and_keep_every_event(k: Kind) 
         .fetch_one(db.pool())
         .await
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, current_schema(k));
     // The event id index is gone: the same id again in another stream is taken.
     let dup = NewEvent {
         id: "id-1".into(),
@@ -938,6 +956,155 @@ async fn a_running_projection_keeps_up_and_reports_its_lag(k: Kind) {
     running.await.unwrap();
 }
 
+/// A stream written in appends of several sizes, between another stream's, reads
+/// the same as its whole list would from every version, both ways, in every page
+/// size: its events are found through its appends.
+async fn a_stream_of_many_appends_reads_alike_from_every_version(k: Kind) {
+    let s = fresh(k).await;
+    let mut expected = Vec::new();
+    for (i, n) in [1usize, 3, 2, 5, 1].into_iter().enumerate() {
+        let events: Vec<NewEvent> = (0..n).map(|j| ev("X", (i * 10 + j) as i64)).collect();
+        let got = s.append("x", ExpectedVersion::Any, events).await.unwrap();
+        for j in 0..n as u64 {
+            expected.push((
+                got.version - n as u64 + 1 + j,
+                got.position - n as u64 + 1 + j,
+            ));
+        }
+        s.append("y", ExpectedVersion::Any, vec![ev("Y", i as i64)])
+            .await
+            .unwrap();
+    }
+    assert_eq!(expected.len(), 12);
+    let pairs = |events: Vec<RecordedEvent>| {
+        assert!(events.iter().all(|e| e.stream == "x"));
+        events
+            .iter()
+            .map(|e| (e.version, e.position))
+            .collect::<Vec<_>>()
+    };
+    for from in 0..=14u64 {
+        for max in [1usize, 2, 4, 20] {
+            let forwards = s
+                .read_stream("x", from, Direction::Forwards, max)
+                .await
+                .unwrap();
+            let want: Vec<_> = expected
+                .iter()
+                .copied()
+                .filter(|(v, _)| *v >= from)
+                .take(max)
+                .collect();
+            assert_eq!(pairs(forwards), want, "forwards from {from}, {max}");
+            let backwards = s
+                .read_stream("x", from, Direction::Backwards, max)
+                .await
+                .unwrap();
+            let want: Vec<_> = expected
+                .iter()
+                .rev()
+                .copied()
+                .filter(|(v, _)| *v <= from)
+                .take(max)
+                .collect();
+            assert_eq!(pairs(backwards), want, "backwards from {from}, {max}");
+        }
+    }
+    assert_eq!(s.stream_version("x").await.unwrap(), 12);
+    assert_eq!(s.stream_version("y").await.unwrap(), 5);
+    assert_eq!(s.stream_version("z").await.unwrap(), 0);
+}
+
+/// The schema version each backend's build writes.
+fn current_schema(k: Kind) -> i64 {
+    match k {
+        Kind::Sqlite => crate::sqlite::SCHEMA_VERSION,
+        Kind::Postgres => crate::postgres::SCHEMA_VERSION,
+    }
+}
+
+/// The tables of schema 2 on SQLite (`AUTOINCREMENT` positions), with events 1 to 3
+/// and the counter at `counter`.
+async fn sqlite_schema_2(counter: i64) -> Db {
+    let db = fresh_db(Kind::Sqlite).await;
+    let v2 = format!(
+        "CREATE TABLE _shoal_es_schema (version INTEGER NOT NULL);
+         INSERT INTO _shoal_es_schema VALUES (2);
+         CREATE TABLE _shoal_es_events (
+            position INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL,
+            version INTEGER NOT NULL, id TEXT NOT NULL, event_type TEXT NOT NULL,
+            type_version INTEGER NOT NULL, data TEXT NOT NULL, metadata TEXT NOT NULL,
+            recorded_at_ms INTEGER NOT NULL, UNIQUE (stream, version));
+         CREATE TABLE _shoal_es_snapshots (stream TEXT PRIMARY KEY, version INTEGER NOT NULL,
+            data TEXT NOT NULL, recorded_at_ms INTEGER NOT NULL);
+         CREATE TABLE _shoal_es_checkpoints (projection TEXT PRIMARY KEY, position INTEGER NOT NULL);
+         INSERT INTO _shoal_es_events VALUES
+            (1, 'a', 1, 'id-1', 'X', 1, '{{}}', '{{}}', 5),
+            (2, 'b', 1, 'id-2', 'X', 1, '{{}}', '{{}}', 5),
+            (3, 'a', 2, 'id-3', 'X', 1, '{{}}', '{{}}', 5);
+         UPDATE sqlite_sequence SET seq = {counter} WHERE name = '_shoal_es_events';"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(v2))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    db
+}
+
+/// Schema 2 to 3 on SQLite: the positions stay, appends go on after the head, and
+/// the events can no longer be deleted or moved, so no position is handed out twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_schema_2_is_brought_up_to_date_and_its_events_are_kept_for_good() {
+    let db = sqlite_schema_2(3).await;
+    let s = EventStore::open(&db, Upcasters::new()).await.unwrap();
+    assert_eq!(s.head(), 3);
+    let next = s
+        .append("b", ExpectedVersion::Exact(1), vec![ev("Y", 4)])
+        .await
+        .unwrap();
+    assert_eq!((next.version, next.position), (2, 4));
+    let all = s.read_all(0, 10).await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert_positions_have_no_gaps(&all);
+    let pool = db.pool();
+    let deleted = sqlx::query("DELETE FROM _shoal_es_events WHERE position = 4")
+        .execute(pool)
+        .await
+        .unwrap_err();
+    assert!(deleted.to_string().contains("never deleted"), "{deleted}");
+    let moved = sqlx::query("UPDATE _shoal_es_events SET position = 9 WHERE position = 4")
+        .execute(pool)
+        .await
+        .unwrap_err();
+    assert!(moved.to_string().contains("never changes"), "{moved}");
+    assert_eq!(s.read_all(0, 10).await.unwrap().len(), 4);
+    let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _shoal_es_schema")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(version, 3);
+}
+
+/// Events deleted by hand from the end of a schema-2 table: their positions were
+/// handed out, and schema 3 would hand them out again, so the store refuses to
+/// open and leaves the tables as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_schema_2_with_deleted_newest_events_is_left_as_it_was() {
+    let db = sqlite_schema_2(7).await;
+    let Err(e) = EventStore::open(&db, Upcasters::new()).await else {
+        panic!("a store whose positions would be handed out again opened");
+    };
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(e.to_string().contains("after position 3 (up to 7)"), "{e}");
+    let (version, events): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT MAX(version) FROM _shoal_es_schema), (SELECT COUNT(*) FROM _shoal_es_events)",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!((version, events), (2, 3));
+}
+
 /// Each case as two tests, one per backend.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -962,10 +1129,11 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     appends_and_reads_both_ways_with_metadata,
+    a_stream_of_many_appends_reads_alike_from_every_version,
     expected_versions_are_enforced_with_a_typed_conflict,
     a_repeated_append_is_recognised_and_writes_nothing,
     ids_are_checked_only_where_a_repeat_would_be,
-    tables_of_schema_1_are_moved_to_schema_2_and_keep_every_event,
+    tables_of_schema_1_are_brought_up_to_date_and_keep_every_event,
     appends_grouped_into_one_commit_are_each_decided_as_if_alone,
     eight_writers_on_one_stream_one_wins_per_version_and_nothing_has_gaps,
     readers_never_see_a_gap_while_writers_commit,

@@ -127,8 +127,10 @@ BEGIN
     END IF;
     -- A probe's versions lo..=hi are in the appends from the one holding lo to the
     -- one holding hi (or the newest), and within each at the positions from its
-    -- first. LATERAL: each probe is index ranges with their bounds known; a join
-    -- lets the planner scan a whole stream and filter afterwards.
+    -- first. The events are read in a LATERAL subquery with a LIMIT, which the
+    -- planner cannot pull up into the join: so always by a position range. As one
+    -- join, a generic plan (plpgsql's, after a few calls) scanned the whole events
+    -- table for the id once the statistics said every append was of one stream.
     IF EXISTS (
         WITH p AS MATERIALIZED (
             SELECT p.s, p.id, v + p.lo AS lo, v + p.hi AS hi
@@ -139,15 +141,16 @@ BEGIN
              ) AS cur
         )
         SELECT 1 FROM p CROSS JOIN LATERAL (
-            SELECT 1 FROM _shoal_es_appends a
-              JOIN _shoal_es_events e
-                ON e.position BETWEEN a.first_position + GREATEST(p.lo, a.first_version) - a.first_version
-                                  AND a.first_position + LEAST(p.hi, a.last_version) - a.first_version
+            SELECT a.first_position + GREATEST(p.lo, a.first_version) - a.first_version AS lo,
+                   a.first_position + LEAST(p.hi, a.last_version) - a.first_version AS hi
+              FROM _shoal_es_appends a
              WHERE a.stream = p.s
                AND a.last_version BETWEEN p.lo AND COALESCE(
                    (SELECT MIN(b.last_version) FROM _shoal_es_appends b
                      WHERE b.stream = p.s AND b.last_version >= p.hi), p.hi)
-               AND e.id = p.id
+        ) AS r CROSS JOIN LATERAL (
+            SELECT 1 FROM _shoal_es_events e
+             WHERE e.position BETWEEN r.lo AND r.hi AND e.id = p.id
              LIMIT 1
         ) AS hit
     ) THEN
@@ -498,15 +501,19 @@ async fn try_append_group(
          UNION ALL
          SELECT 1, e.id, e.stream, e.version, e.position
            FROM p CROSS JOIN LATERAL (
-               SELECT x.id, x.stream, x.version, x.position FROM _shoal_es_appends a
-                 JOIN _shoal_es_events x
-                   ON x.position BETWEEN a.first_position + GREATEST(p.lo, a.first_version) - a.first_version
-                                     AND a.first_position + LEAST(p.hi, a.last_version) - a.first_version
+               SELECT a.first_position + GREATEST(p.lo, a.first_version) - a.first_version AS lo,
+                      a.first_position + LEAST(p.hi, a.last_version) - a.first_version AS hi
+                 FROM _shoal_es_appends a
                 WHERE a.stream = p.s
                   AND a.last_version BETWEEN p.lo AND COALESCE(
                       (SELECT MIN(b.last_version) FROM _shoal_es_appends b
                         WHERE b.stream = p.s AND b.last_version >= p.hi), p.hi)
-                  AND x.id = p.id
+           ) AS r CROSS JOIN LATERAL (
+               -- LIMIT: kept a subquery, so always a position range (see the
+               -- group function); one event per probe is all the writer keeps.
+               SELECT x.id, x.stream, x.version, x.position FROM _shoal_es_events x
+                WHERE x.position BETWEEN r.lo AND r.hi AND x.id = p.id
+                LIMIT 1
            ) AS e
          UNION ALL
          SELECT 2, '', '', COALESCE(MAX(position), 0), 0 FROM _shoal_es_events",

@@ -248,51 +248,15 @@ impl EventStore {
         // first, one per version. A stream's versions have no gaps, so a page is
         // the versions from..from+max-1 (forwards) or from-max+1..from, from at
         // most the stream's version (backwards): only the appends holding them are
-        // read, found through their key, and only those rows are sorted.
+        // read, found through their key, and only those rows are sorted
+        // ([`read_sql`]).
+        let pg = matches!(self.inner.db.native(), Native::Postgres(_));
         let (sql, lo, hi) = match direction {
             Direction::Forwards => {
                 let lo = from.max(1);
-                (
-                    "SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
-                            e.data, e.metadata, e.recorded_at_ms
-                       FROM _shoal_es_appends a CROSS JOIN _shoal_es_events e
-                      WHERE a.stream = $1
-                        AND a.last_version BETWEEN $2 AND COALESCE(
-                            (SELECT MIN(b.last_version) FROM _shoal_es_appends b
-                              WHERE b.stream = $1 AND b.last_version >= $3), $3)
-                        AND e.position BETWEEN a.first_position
-                                           AND a.first_position + a.last_version - a.first_version
-                        AND e.version BETWEEN $2 AND $3
-                      ORDER BY a.last_version ASC, e.position ASC LIMIT $4",
-                    lo,
-                    lo.saturating_add(max - 1),
-                )
+                (read_sql(pg, true), lo, lo.saturating_add(max - 1))
             }
-            // `top`: the last version of the append holding `from`, else the
-            // stream's version.
-            Direction::Backwards => (
-                "WITH top AS (
-                     SELECT COALESCE(
-                         (SELECT MIN(b.last_version) FROM _shoal_es_appends b
-                           WHERE b.stream = $1 AND b.last_version >= $2),
-                         (SELECT MAX(c.last_version) FROM _shoal_es_appends c WHERE c.stream = $1),
-                         0) AS t
-                 ), page AS (
-                     SELECT t, CASE WHEN $2 < t THEN $2 ELSE t END - $3 + 1 AS lo,
-                            CASE WHEN $2 < t THEN $2 ELSE t END AS hi
-                       FROM top
-                 )
-                 SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
-                        e.data, e.metadata, e.recorded_at_ms
-                   FROM page CROSS JOIN _shoal_es_appends a CROSS JOIN _shoal_es_events e
-                  WHERE a.stream = $1 AND a.last_version BETWEEN page.lo AND page.t
-                    AND e.position BETWEEN a.first_position
-                                       AND a.first_position + a.last_version - a.first_version
-                    AND e.version BETWEEN page.lo AND page.hi
-                  ORDER BY a.last_version DESC, e.position DESC LIMIT $4",
-                from,
-                max,
-            ),
+            Direction::Backwards => (read_sql(pg, false), from, max),
         };
         let up = &self.inner.upcasters;
         on_pool!(self.inner.db.native(), pool => {
@@ -436,6 +400,92 @@ pub(crate) fn advance(head: &watch::Sender<u64>, p: u64) {
         *h = (*h).max(p);
         changed
     });
+}
+
+/// The query of [`EventStore::read_stream`]: `$1` the stream, `$4` the page size;
+/// forwards, `$2..=$3` the versions; backwards, `$2` the newest version wanted and
+/// `$3` the page size. SQLite walks the appends' key and then the events' row ids
+/// (`CROSS JOIN` fixes that order). On PostgreSQL the events are read in a `LATERAL`
+/// subquery with a `LIMIT`, which the planner cannot pull up into the join: so
+/// always by a position range, whatever the statistics say (as one join, a plan
+/// for a store of one stream could scan the whole events table).
+fn read_sql(postgres: bool, forwards: bool) -> &'static str {
+    match (postgres, forwards) {
+        (false, true) => {
+            "SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
+                    e.data, e.metadata, e.recorded_at_ms
+               FROM _shoal_es_appends a CROSS JOIN _shoal_es_events e
+              WHERE a.stream = $1
+                AND a.last_version BETWEEN $2 AND COALESCE(
+                    (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                      WHERE b.stream = $1 AND b.last_version >= $3), $3)
+                AND e.position BETWEEN a.first_position
+                                   AND a.first_position + a.last_version - a.first_version
+                AND e.version BETWEEN $2 AND $3
+              ORDER BY a.last_version ASC, e.position ASC LIMIT $4"
+        }
+        (true, true) => {
+            "SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
+                    e.data, e.metadata, e.recorded_at_ms
+               FROM _shoal_es_appends a CROSS JOIN LATERAL (
+                    SELECT x.* FROM _shoal_es_events x
+                     WHERE x.position BETWEEN a.first_position
+                                          AND a.first_position + a.last_version - a.first_version
+                       AND x.version BETWEEN $2 AND $3
+                     ORDER BY x.position ASC LIMIT $4
+               ) AS e
+              WHERE a.stream = $1
+                AND a.last_version BETWEEN $2 AND COALESCE(
+                    (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                      WHERE b.stream = $1 AND b.last_version >= $3), $3)
+              ORDER BY a.last_version ASC, e.position ASC LIMIT $4"
+        }
+        // `top`: the last version of the append holding `$2`, else the stream's
+        // version.
+        (false, false) => {
+            "WITH top AS (
+                 SELECT COALESCE(
+                     (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                       WHERE b.stream = $1 AND b.last_version >= $2),
+                     (SELECT MAX(c.last_version) FROM _shoal_es_appends c WHERE c.stream = $1),
+                     0) AS t
+             ), page AS (
+                 SELECT t, CASE WHEN $2 < t THEN $2 ELSE t END - $3 + 1 AS lo,
+                        CASE WHEN $2 < t THEN $2 ELSE t END AS hi
+                   FROM top
+             )
+             SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
+                    e.data, e.metadata, e.recorded_at_ms
+               FROM page CROSS JOIN _shoal_es_appends a CROSS JOIN _shoal_es_events e
+              WHERE a.stream = $1 AND a.last_version BETWEEN page.lo AND page.t
+                AND e.position BETWEEN a.first_position
+                                   AND a.first_position + a.last_version - a.first_version
+                AND e.version BETWEEN page.lo AND page.hi
+              ORDER BY a.last_version DESC, e.position DESC LIMIT $4"
+        }
+        (true, false) => {
+            "WITH top AS (
+                 SELECT COALESCE(
+                     (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                       WHERE b.stream = $1 AND b.last_version >= $2),
+                     (SELECT MAX(c.last_version) FROM _shoal_es_appends c WHERE c.stream = $1),
+                     0) AS t
+             ), page AS (
+                 SELECT t, LEAST($2, t) - $3 + 1 AS lo, LEAST($2, t) AS hi FROM top
+             )
+             SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
+                    e.data, e.metadata, e.recorded_at_ms
+               FROM page CROSS JOIN _shoal_es_appends a CROSS JOIN LATERAL (
+                    SELECT x.* FROM _shoal_es_events x
+                     WHERE x.position BETWEEN a.first_position
+                                          AND a.first_position + a.last_version - a.first_version
+                       AND x.version BETWEEN page.lo AND page.hi
+                     ORDER BY x.position DESC LIMIT $4
+               ) AS e
+              WHERE a.stream = $1 AND a.last_version BETWEEN page.lo AND page.t
+              ORDER BY a.last_version DESC, e.position DESC LIMIT $4"
+        }
+    }
 }
 
 /// What the writer decided for one append of a group.

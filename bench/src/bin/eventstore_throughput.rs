@@ -245,13 +245,7 @@ async fn batched_side_by_side(
     // Rows and events made before any clock starts: making them is the caller's
     // work, not the database's or the store's.
     let rows = rows(total, batch, streams);
-    let mut appends = Vec::new();
-    let mut done = 0;
-    while done < total {
-        let n = batch.min(total - done);
-        appends.push((format!("s-{}", appends.len() % streams), events(n)));
-        done += n;
-    }
+    let appends = append_list(total, batch, streams);
     let per_slice = (SLICE / batch).max(1);
     let mut row_chunks = rows.chunks(batch);
     let mut appends = appends.into_iter();
@@ -360,6 +354,13 @@ async fn appends(
     let (s, db, dir) = store(kind, "append").await;
     // The events are made before the clock starts, as the floor's rows are: making
     // them (ids, JSON values) is the caller's work, not the store's.
+    let appends = append_list(total, batch, streams);
+    let took = append_slice(&s, appends).await;
+    (total as f64 / took.as_secs_f64(), s, db, dir)
+}
+
+/// `total` events in appends of `batch`, over `streams` streams in turn.
+fn append_list(total: usize, batch: usize, streams: usize) -> Vec<(String, Vec<NewEvent>)> {
     let mut appends = Vec::new();
     let mut done = 0;
     while done < total {
@@ -367,13 +368,7 @@ async fn appends(
         appends.push((format!("s-{}", appends.len() % streams), events(n)));
         done += n;
     }
-    let start = Instant::now();
-    for (stream, events) in appends {
-        s.append(&stream, ExpectedVersion::Any, events)
-            .await
-            .expect("append");
-    }
-    (total as f64 / start.elapsed().as_secs_f64(), s, db, dir)
+    appends
 }
 
 /// Events per second with `writers` tasks each appending one event at a time.

@@ -13,8 +13,8 @@
 //! subscriptions wake at once instead of at the next poll.
 
 use crate::store::{
-    advance, answers, appends_of, db_err, fail_all, id_taken, lookups, plan, rows_of, Encoded,
-    Stored, Write,
+    advance, answers, appends_of, checked, db_err, fail_all, id_taken, lookups, plan, rows_of,
+    Encoded, Write,
 };
 use crate::types::Appended;
 use shoal_core::Error;
@@ -29,7 +29,38 @@ use tokio::sync::watch;
 /// have their own numbering, `crate::sqlite::SCHEMA_VERSION`.)
 pub(crate) const SCHEMA_VERSION: i64 = 3;
 
-const SCHEMA: &str = "
+/// The events a probe `p` (stream `p.s`, id `p.id`, versions `p.lo..=p.hi`) finds,
+/// selecting `$what` of them as `e`, up to the closing parenthesis the caller
+/// writes: its versions are in the appends from the one holding lo to the one
+/// holding hi (or the newest), and within each at the positions from its first.
+/// The events are read in a `LATERAL` subquery with a `LIMIT`, which the planner
+/// cannot pull up into the join: so always by a position range. As one join, a
+/// generic plan (plpgsql's, or a prepared statement's, after a few calls) scanned
+/// the whole events table for the id once the statistics said every append was
+/// of one stream. One event per probe is all the writer keeps.
+macro_rules! probe_hits {
+    ($what:literal) => {
+        concat!(
+            " CROSS JOIN LATERAL (
+                SELECT a.first_position + GREATEST(p.lo, a.first_version) - a.first_version AS lo,
+                       a.first_position + LEAST(p.hi, a.last_version) - a.first_version AS hi
+                  FROM _shoal_es_appends a
+                 WHERE a.stream = p.s
+                   AND a.last_version BETWEEN p.lo AND COALESCE(
+                       (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                         WHERE b.stream = p.s AND b.last_version >= p.hi), p.hi)
+            ) AS r CROSS JOIN LATERAL (
+                SELECT ",
+            $what,
+            " FROM _shoal_es_events e
+                 WHERE e.position BETWEEN r.lo AND r.hi AND e.id = p.id
+                 LIMIT 1"
+        )
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
 BEGIN;
 SELECT pg_advisory_xact_lock(hashtext(current_schema() || '._shoal_es_events'));
 CREATE TABLE IF NOT EXISTS _shoal_es_events (
@@ -125,12 +156,7 @@ BEGIN
     ) THEN
         RETURN;
     END IF;
-    -- A probe's versions lo..=hi are in the appends from the one holding lo to the
-    -- one holding hi (or the newest), and within each at the positions from its
-    -- first. The events are read in a LATERAL subquery with a LIMIT, which the
-    -- planner cannot pull up into the join: so always by a position range. As one
-    -- join, a generic plan (plpgsql's, after a few calls) scanned the whole events
-    -- table for the id once the statistics said every append was of one stream.
+    -- What the probes find (probe_hits in postgres.rs).
     IF EXISTS (
         WITH p AS MATERIALIZED (
             SELECT p.s, p.id, v + p.lo AS lo, v + p.hi AS hi
@@ -140,18 +166,9 @@ BEGIN
                    FROM _shoal_es_appends x WHERE x.stream = p.s
              ) AS cur
         )
-        SELECT 1 FROM p CROSS JOIN LATERAL (
-            SELECT a.first_position + GREATEST(p.lo, a.first_version) - a.first_version AS lo,
-                   a.first_position + LEAST(p.hi, a.last_version) - a.first_version AS hi
-              FROM _shoal_es_appends a
-             WHERE a.stream = p.s
-               AND a.last_version BETWEEN p.lo AND COALESCE(
-                   (SELECT MIN(b.last_version) FROM _shoal_es_appends b
-                     WHERE b.stream = p.s AND b.last_version >= p.hi), p.hi)
-        ) AS r CROSS JOIN LATERAL (
-            SELECT 1 FROM _shoal_es_events e
-             WHERE e.position BETWEEN r.lo AND r.hi AND e.id = p.id
-             LIMIT 1
+        SELECT 1 FROM p",
+    probe_hits!("1"),
+    "
         ) AS hit
     ) THEN
         RETURN;
@@ -185,7 +202,8 @@ BEGIN
 END
 $fn$;
 COMMIT;
-";
+"
+);
 
 /// Taken by every append transaction (and the schema set-up) of one schema's store.
 const LOCK: &str =
@@ -486,7 +504,7 @@ async fn try_append_group(
     let p_hi: Vec<i64> = probes.iter().map(|p| p.hi).collect();
     // Kind 0: a stream's version; kind 1: an event a probe found; kind 2: the head.
     // The lock is held, so all of it stays true until commit.
-    let checked: Vec<(i64, String, String, i64, i64)> = sqlx::query_as(
+    let rows: Vec<(i64, String, String, i64, i64)> = sqlx::query_as(concat!(
         "WITH v AS MATERIALIZED (
              SELECT s.stream,
                     COALESCE((SELECT MAX(x.last_version) FROM _shoal_es_appends x
@@ -500,24 +518,13 @@ async fn try_append_group(
          SELECT 0::int8, v.stream, ''::text, v.v, 0::int8 FROM v
          UNION ALL
          SELECT 1, e.id, e.stream, e.version, e.position
-           FROM p CROSS JOIN LATERAL (
-               SELECT a.first_position + GREATEST(p.lo, a.first_version) - a.first_version AS lo,
-                      a.first_position + LEAST(p.hi, a.last_version) - a.first_version AS hi
-                 FROM _shoal_es_appends a
-                WHERE a.stream = p.s
-                  AND a.last_version BETWEEN p.lo AND COALESCE(
-                      (SELECT MIN(b.last_version) FROM _shoal_es_appends b
-                        WHERE b.stream = p.s AND b.last_version >= p.hi), p.hi)
-           ) AS r CROSS JOIN LATERAL (
-               -- LIMIT: kept a subquery, so always a position range (see the
-               -- group function); one event per probe is all the writer keeps.
-               SELECT x.id, x.stream, x.version, x.position FROM _shoal_es_events x
-                WHERE x.position BETWEEN r.lo AND r.hi AND x.id = p.id
-                LIMIT 1
+           FROM p",
+        probe_hits!("e.id, e.stream, e.version, e.position"),
+        "
            ) AS e
          UNION ALL
-         SELECT 2, '', '', COALESCE(MAX(position), 0), 0 FROM _shoal_es_events",
-    )
+         SELECT 2, '', '', COALESCE(MAX(position), 0), 0 FROM _shoal_es_events"
+    ))
     .bind(&streams)
     .bind(&p_stream)
     .bind(&p_id)
@@ -527,20 +534,7 @@ async fn try_append_group(
     .fetch_all(&mut *conn)
     .await
     .map_err(fatal("checking the group's appends"))?;
-    let mut versions: HashMap<String, u64> = HashMap::new();
-    let mut stored: Stored = HashMap::new();
-    let mut head = 0u64;
-    for (kind, key, stream, version, position) in checked {
-        match kind {
-            0 => {
-                versions.insert(key, version as u64);
-            }
-            1 => {
-                stored.insert((stream, key), (version as u64, position as u64));
-            }
-            _ => head = version as u64,
-        }
-    }
+    let (versions, stored, head) = checked(rows);
     let (plans, rows) = plan(group, versions, &stored);
     if rows > 0 {
         let pending = rows_of(group, &plans, rows);

@@ -21,12 +21,12 @@
 //! recognised through (stream, version) (see [`crate::store::lookups`]).
 
 use crate::store::{
-    answers, appends_of, db_err, fail_all, id_taken, lookups, plan, rows_of, Encoded, Stored, Write,
+    answers, appends_of, checked, db_err, fail_all, id_taken, lookups, plan, rows_of, Encoded,
+    Write,
 };
 use crate::types::Appended;
 use shoal_core::Error;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
-use std::collections::HashMap;
 
 /// The version of the event store's tables this code writes; kept in
 /// `_shoal_es_schema`. 1 (no row): the events table had a unique index on the event
@@ -337,24 +337,11 @@ async fn append_group(
     for st in &streams {
         q = q.bind(*st);
     }
-    let mut versions: HashMap<String, u64> = HashMap::new();
-    let mut stored: Stored = HashMap::new();
-    let mut head = 0u64;
-    for (kind, key, stream, version, position) in q
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(fatal("checking the group's appends"))?
-    {
-        match kind {
-            0 => {
-                versions.insert(key, version as u64);
-            }
-            1 => {
-                stored.insert((stream, key), (version as u64, position as u64));
-            }
-            _ => head = version as u64,
-        }
-    }
+    let (versions, stored, head) = checked(
+        q.fetch_all(&mut *conn)
+            .await
+            .map_err(fatal("checking the group's appends"))?,
+    );
     let (plans, rows) = plan(group, versions, &stored);
 
     // Every accepted event, in order, from the position after the head; then one

@@ -410,39 +410,36 @@ pub(crate) fn advance(head: &watch::Sender<u64>, p: u64) {
 /// always by a position range, whatever the statistics say (as one join, a plan
 /// for a store of one stream could scan the whole events table).
 fn read_sql(postgres: bool, forwards: bool) -> &'static str {
-    match (postgres, forwards) {
-        (false, true) => {
+    // The parts both backends share.
+    macro_rules! columns_of_e {
+        () => {
             "SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
-                    e.data, e.metadata, e.recorded_at_ms
-               FROM _shoal_es_appends a CROSS JOIN _shoal_es_events e
-              WHERE a.stream = $1
-                AND a.last_version BETWEEN $2 AND COALESCE(
-                    (SELECT MIN(b.last_version) FROM _shoal_es_appends b
-                      WHERE b.stream = $1 AND b.last_version >= $3), $3)
-                AND e.position BETWEEN a.first_position
-                                   AND a.first_position + a.last_version - a.first_version
-                AND e.version BETWEEN $2 AND $3
-              ORDER BY a.last_version ASC, e.position ASC LIMIT $4"
-        }
-        (true, true) => {
-            "SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
-                    e.data, e.metadata, e.recorded_at_ms
-               FROM _shoal_es_appends a CROSS JOIN LATERAL (
-                    SELECT x.* FROM _shoal_es_events x
-                     WHERE x.position BETWEEN a.first_position
-                                          AND a.first_position + a.last_version - a.first_version
-                       AND x.version BETWEEN $2 AND $3
-                     ORDER BY x.position ASC LIMIT $4
-               ) AS e
-              WHERE a.stream = $1
-                AND a.last_version BETWEEN $2 AND COALESCE(
-                    (SELECT MIN(b.last_version) FROM _shoal_es_appends b
-                      WHERE b.stream = $1 AND b.last_version >= $3), $3)
-              ORDER BY a.last_version ASC, e.position ASC LIMIT $4"
-        }
-        // `top`: the last version of the append holding `$2`, else the stream's
-        // version.
-        (false, false) => {
+                    e.data, e.metadata, e.recorded_at_ms"
+        };
+    }
+    // An append's events: positions from its first, one per version.
+    macro_rules! in_append {
+        ($e:literal) => {
+            concat!(
+                $e,
+                ".position BETWEEN a.first_position
+                     AND a.first_position + a.last_version - a.first_version"
+            )
+        };
+    }
+    // Forwards: the appends holding versions $2..=$3.
+    macro_rules! appends_forwards {
+        () => {
+            "a.stream = $1
+             AND a.last_version BETWEEN $2 AND COALESCE(
+                 (SELECT MIN(b.last_version) FROM _shoal_es_appends b
+                   WHERE b.stream = $1 AND b.last_version >= $3), $3)"
+        };
+    }
+    // Backwards: `top`, the last version of the append holding `$2`, else the
+    // stream's version; the page's versions `lo..=hi` below it.
+    macro_rules! backwards_page {
+        () => {
             "WITH top AS (
                  SELECT COALESCE(
                      (SELECT MIN(b.last_version) FROM _shoal_es_appends b
@@ -453,38 +450,51 @@ fn read_sql(postgres: bool, forwards: bool) -> &'static str {
                  SELECT t, CASE WHEN $2 < t THEN $2 ELSE t END - $3 + 1 AS lo,
                         CASE WHEN $2 < t THEN $2 ELSE t END AS hi
                    FROM top
-             )
-             SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
-                    e.data, e.metadata, e.recorded_at_ms
-               FROM page CROSS JOIN _shoal_es_appends a CROSS JOIN _shoal_es_events e
-              WHERE a.stream = $1 AND a.last_version BETWEEN page.lo AND page.t
-                AND e.position BETWEEN a.first_position
-                                   AND a.first_position + a.last_version - a.first_version
-                AND e.version BETWEEN page.lo AND page.hi
+             ) "
+        };
+    }
+    match (postgres, forwards) {
+        (false, true) => concat!(
+            columns_of_e!(),
+            " FROM _shoal_es_appends a CROSS JOIN _shoal_es_events e WHERE ",
+            appends_forwards!(),
+            " AND ",
+            in_append!("e"),
+            " AND e.version BETWEEN $2 AND $3
+              ORDER BY a.last_version ASC, e.position ASC LIMIT $4"
+        ),
+        (true, true) => concat!(
+            columns_of_e!(),
+            " FROM _shoal_es_appends a CROSS JOIN LATERAL (
+                  SELECT x.* FROM _shoal_es_events x WHERE ",
+            in_append!("x"),
+            " AND x.version BETWEEN $2 AND $3
+                   ORDER BY x.position ASC LIMIT $4
+              ) AS e WHERE ",
+            appends_forwards!(),
+            " ORDER BY a.last_version ASC, e.position ASC LIMIT $4"
+        ),
+        (false, false) => concat!(
+            backwards_page!(),
+            columns_of_e!(),
+            " FROM page CROSS JOIN _shoal_es_appends a CROSS JOIN _shoal_es_events e
+              WHERE a.stream = $1 AND a.last_version BETWEEN page.lo AND page.t AND ",
+            in_append!("e"),
+            " AND e.version BETWEEN page.lo AND page.hi
               ORDER BY a.last_version DESC, e.position DESC LIMIT $4"
-        }
-        (true, false) => {
-            "WITH top AS (
-                 SELECT COALESCE(
-                     (SELECT MIN(b.last_version) FROM _shoal_es_appends b
-                       WHERE b.stream = $1 AND b.last_version >= $2),
-                     (SELECT MAX(c.last_version) FROM _shoal_es_appends c WHERE c.stream = $1),
-                     0) AS t
-             ), page AS (
-                 SELECT t, LEAST($2, t) - $3 + 1 AS lo, LEAST($2, t) AS hi FROM top
-             )
-             SELECT e.position, e.stream, e.version, e.id, e.event_type, e.type_version,
-                    e.data, e.metadata, e.recorded_at_ms
-               FROM page CROSS JOIN _shoal_es_appends a CROSS JOIN LATERAL (
-                    SELECT x.* FROM _shoal_es_events x
-                     WHERE x.position BETWEEN a.first_position
-                                          AND a.first_position + a.last_version - a.first_version
-                       AND x.version BETWEEN page.lo AND page.hi
-                     ORDER BY x.position DESC LIMIT $4
-               ) AS e
+        ),
+        (true, false) => concat!(
+            backwards_page!(),
+            columns_of_e!(),
+            " FROM page CROSS JOIN _shoal_es_appends a CROSS JOIN LATERAL (
+                  SELECT x.* FROM _shoal_es_events x WHERE ",
+            in_append!("x"),
+            " AND x.version BETWEEN page.lo AND page.hi
+                   ORDER BY x.position DESC LIMIT $4
+              ) AS e
               WHERE a.stream = $1 AND a.last_version BETWEEN page.lo AND page.t
               ORDER BY a.last_version DESC, e.position DESC LIMIT $4"
-        }
+        ),
     }
 }
 
@@ -568,6 +578,30 @@ pub(crate) fn lookups(group: &[Write]) -> (Vec<&str>, Vec<Probe<'_>>) {
 
 /// What the probes found: (stream, event id) → (version, position).
 pub(crate) type Stored = HashMap<(String, String), (u64, u64)>;
+
+/// The rows of a group's check query, either backend's: kind 0 a stream's version
+/// (stream, version), kind 1 an event a probe found (id, stream, version,
+/// position), kind 2 the head position (in the version column). Returns the
+/// streams' versions, what the probes found, and the head.
+pub(crate) fn checked(
+    rows: Vec<(i64, String, String, i64, i64)>,
+) -> (HashMap<String, u64>, Stored, u64) {
+    let mut versions = HashMap::new();
+    let mut stored: Stored = HashMap::new();
+    let mut head = 0u64;
+    for (kind, key, stream, version, position) in rows {
+        match kind {
+            0 => {
+                versions.insert(key, version as u64);
+            }
+            1 => {
+                stored.insert((stream, key), (version as u64, position as u64));
+            }
+            _ => head = version as u64,
+        }
+    }
+    (versions, stored, head)
+}
 
 /// Decide each append of a group in order, as if appended one by one, from the
 /// streams' current `versions` and what the probes found `stored`. Returns the

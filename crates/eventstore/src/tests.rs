@@ -983,31 +983,25 @@ async fn a_stream_of_many_appends_reads_alike_from_every_version(k: Kind) {
             .map(|e| (e.version, e.position))
             .collect::<Vec<_>>()
     };
+    let newest_first: Vec<_> = expected.iter().rev().copied().collect();
     for from in 0..=14u64 {
         for max in [1usize, 2, 4, 20] {
-            let forwards = s
-                .read_stream("x", from, Direction::Forwards, max)
-                .await
-                .unwrap();
-            let want: Vec<_> = expected
-                .iter()
-                .copied()
-                .filter(|(v, _)| *v >= from)
-                .take(max)
-                .collect();
-            assert_eq!(pairs(forwards), want, "forwards from {from}, {max}");
-            let backwards = s
-                .read_stream("x", from, Direction::Backwards, max)
-                .await
-                .unwrap();
-            let want: Vec<_> = expected
-                .iter()
-                .rev()
-                .copied()
-                .filter(|(v, _)| *v <= from)
-                .take(max)
-                .collect();
-            assert_eq!(pairs(backwards), want, "backwards from {from}, {max}");
+            for (direction, list) in [
+                (Direction::Forwards, &expected),
+                (Direction::Backwards, &newest_first),
+            ] {
+                let read = s.read_stream("x", from, direction, max).await.unwrap();
+                let want: Vec<_> = list
+                    .iter()
+                    .copied()
+                    .filter(|(v, _)| match direction {
+                        Direction::Forwards => *v >= from,
+                        Direction::Backwards => *v <= from,
+                    })
+                    .take(max)
+                    .collect();
+                assert_eq!(pairs(read), want, "{direction:?} from {from}, {max}");
+            }
         }
     }
     assert_eq!(s.stream_version("x").await.unwrap(), 12);
@@ -1029,16 +1023,21 @@ async fn postgres_generic_plans_never_scan_the_events_table() {
             .await
             .unwrap()
     };
+    let exec = |db: &Db, sql: &'static str| {
+        let pool = db.pool().clone();
+        async move {
+            sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+        }
+    };
     let db = open().await;
-    sqlx::raw_sql(
+    exec(
+        &db,
         "DO $$ BEGIN
              EXECUTE format('ALTER DATABASE %I SET plan_cache_mode = force_generic_plan',
                             current_database());
          END $$",
     )
-    .execute(db.pool())
-    .await
-    .unwrap();
+    .await;
     db.close().await;
     // A stream of 40,000 events, and statistics that know it.
     let db = open().await;
@@ -1047,10 +1046,7 @@ async fn postgres_generic_plans_never_scan_the_events_table() {
         let events = (0..1_000).map(|j| ev("E", i * 1_000 + j)).collect();
         s.append("one", ExpectedVersion::Any, events).await.unwrap();
     }
-    sqlx::raw_sql("ANALYZE _shoal_es_events; ANALYZE _shoal_es_appends")
-        .execute(db.pool())
-        .await
-        .unwrap();
+    exec(&db, "ANALYZE _shoal_es_events; ANALYZE _shoal_es_appends").await;
     drop(s);
     db.close().await;
     // Backends hand in their counters as they exit: once the inserts are counted,
@@ -1058,11 +1054,9 @@ async fn postgres_generic_plans_never_scan_the_events_table() {
     let db = open().await;
     let counters = |db: &Db| {
         let pool = db.pool().clone();
+        let cleared = exec(db, "SELECT pg_stat_clear_snapshot()");
         async move {
-            sqlx::raw_sql("SELECT pg_stat_clear_snapshot()")
-                .execute(&pool)
-                .await
-                .unwrap();
+            cleared.await;
             sqlx::query_as::<_, (i64, i64, i64)>(
                 "SELECT COALESCE(seq_scan, 0), COALESCE(idx_scan, 0), n_tup_ins
                    FROM pg_stat_user_tables
@@ -1079,10 +1073,11 @@ async fn postgres_generic_plans_never_scan_the_events_table() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    sqlx::raw_sql("SELECT pg_stat_reset_single_table_counters('_shoal_es_events'::regclass)")
-        .execute(db.pool())
-        .await
-        .unwrap();
+    exec(
+        &db,
+        "SELECT pg_stat_reset_single_table_counters('_shoal_es_events'::regclass)",
+    )
+    .await;
     db.close().await;
 
     // New connections, so every plan is made under the setting.

@@ -318,9 +318,10 @@ pub(crate) async fn commit_group(
             *slot = None;
             fail_all(group, &e)
         }
-        // An event id used twice: the transaction is gone (PostgreSQL aborts it on
-        // the failed statement), so each append goes again in its own, and only the
-        // offending one fails.
+        // A stream version taken (the appends' key; the lock makes this
+        // unexpected): the transaction is gone (PostgreSQL aborts it on the failed
+        // statement), so each append goes again in its own, and only the offending
+        // one fails.
         Err(GroupError::OneByOne) => {
             let mut results = Vec::with_capacity(group.len());
             for w in group {

@@ -224,11 +224,12 @@ pub(crate) async fn commit_group(
             let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
             return fail_all(group, &e);
         }
-        // The group's insert was refused as a whole (an event id used twice) and
-        // undone: append one by one so only the offending append fails. No
-        // savepoints are needed here: every check happens before an append writes,
-        // and its one INSERT writes all its events or (SQLite undoes a failed
-        // statement) none.
+        // The group's insert was refused as a whole (a stream version taken, by the
+        // appends' key; the writer's checks make this unexpected) and undone:
+        // append one by one so only the offending append fails. No savepoints are
+        // needed here: every check happens before an append writes, and its
+        // statement writes its appends row first, so a refusal (SQLite undoes the
+        // failed INSERT and runs nothing after it) leaves nothing behind.
         Err(GroupError::OneByOne) => {
             let mut results = Vec::with_capacity(group.len());
             for w in group {

@@ -780,14 +780,14 @@ pub(crate) fn repeated(
     }
 }
 
-/// An append refused by a unique constraint of the events table (a stream version
-/// taken; the writer's own checks make this unexpected).
+/// An append refused by a unique constraint of the store's tables (a stream version
+/// taken, by the appends' key; the writer's own checks make this unexpected).
 pub(crate) fn id_taken(w: &Write) -> Error {
     Error::new(
         ErrorKind::Conflict,
         Origin::Downstream,
         format!(
-            "stream {}: this append was refused by a unique constraint of the events table",
+            "stream {}: this append was refused by a unique constraint of the event store's tables",
             w.stream
         ),
     )

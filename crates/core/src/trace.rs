@@ -31,13 +31,17 @@ fn random_nonzero<const N: usize>() -> [u8; N] {
 fn hex<const N: usize>(bytes: &[u8; N]) -> String {
     // Every request formats its trace ids a few times: one allocation each, not
     // one per byte.
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(N * 2);
+    push_hex(&mut out, bytes);
+    out
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         out.push(char::from(DIGITS[usize::from(b >> 4)]));
         out.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
-    out
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -115,12 +119,25 @@ impl TraceContext {
 
     /// The `traceparent` header value.
     pub fn to_header(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            self.trace_id_hex(),
-            self.span_id_hex(),
-            self.flags
-        )
+        // Every request writes one or two of these: one allocation, no formatter.
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id);
+        out.push('-');
+        push_hex(&mut out, &self.span_id);
+        out.push('-');
+        push_hex(&mut out, &[self.flags]);
+        out
+    }
+}
+
+impl TraceContext {
+    /// The `traceparent` header value, as a header: its text is moved in, not
+    /// copied (hex digits and dashes are always a valid value).
+    pub fn to_header_value(&self) -> http::HeaderValue {
+        let text = bytes::Bytes::from(self.to_header().into_bytes());
+        http::HeaderValue::from_maybe_shared(text)
+            .expect("hex digits and dashes are a valid header value")
     }
 }
 
@@ -139,6 +156,7 @@ mod tests {
         let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let tc = TraceContext::parse(v).unwrap();
         assert_eq!(tc.to_header(), v);
+        assert_eq!(tc.to_header_value(), v);
         assert_eq!(tc.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 

@@ -1,5 +1,5 @@
 //! Server middleware shared by every shoal HTTP server (services, control plane,
-//! gateway): request id, trace context, a span, metrics, a request time limit, the
+//! gateway): request id, trace context, a server span, metrics, a request time limit, the
 //! served-by header and JSON error bodies.
 
 use crate::context::{accept_request_id, new_request_id, RequestContext};
@@ -20,7 +20,6 @@ use shoal_core::ApiError;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 /// How long past its own time limit a handler may take to answer for itself.
 const OWN_LIMIT_GRACE: Duration = Duration::from_millis(50);
@@ -102,25 +101,16 @@ pub async fn layer(
     let trace = caller
         .map(|t| t.child())
         .unwrap_or_else(|| st.tracer.new_root());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
-    let method = req.method().as_str().to_string();
-    if let Ok(v) = HeaderValue::from_str(&trace.to_header()) {
-        req.headers_mut().insert(TRACEPARENT, v);
+    // Axum's matched path is shared (a clone counts a reference, copies nothing).
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let method = req.method().clone();
+    req.headers_mut()
+        .insert(TRACEPARENT, trace.to_header_value());
+    // Checked by `accept_request_id` or made here: always a valid header value.
+    let request_id_header = HeaderValue::from_str(&request_id).ok();
+    if let Some(v) = &request_id_header {
+        req.headers_mut().insert(X_REQUEST_ID, v.clone());
     }
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        req.headers_mut().insert(X_REQUEST_ID, v);
-    }
-    let span = tracing::info_span!(
-        "request",
-        request_id = %request_id,
-        trace_id = %trace.trace_id_hex(),
-        method = %method,
-        route = %route,
-    );
     // The caller's deadline and our own time limit: the sooner one ends the request
     // (dropping the handler's future cancels its work, its calls included).
     let caller_deadline = if st.honour_deadline {
@@ -130,8 +120,11 @@ pub async fn layer(
     };
     let own_limit = st.request_timeout.map(Deadline::after);
     let deadline = Deadline::earliest(caller_deadline, own_limit);
+    // Log lines written while the request is handled take its request id and
+    // trace id from this context (see `logging::JsonLayer`): no `tracing` span per
+    // request, whose fields would be formatted whether anything logs or not.
     let ctx = RequestContext {
-        request_id: request_id.clone(),
+        request_id,
         trace,
         deadline,
         tracer: st.tracer.clone(),
@@ -149,7 +142,7 @@ pub async fn layer(
     let res = if caller_deadline.is_some_and(|d| d.expired()) {
         deadline_passed()
     } else {
-        let run = ctx.scope(next.run(req)).instrument(span.clone());
+        let run = ctx.scope(next.run(req));
         // At the caller's deadline no one waits: cut at once. At our own limit the
         // handler, whose calls carry the same deadline, gets a moment to answer for
         // itself (a gateway's 504 `upstream_timeout` says more than our 503).
@@ -181,42 +174,66 @@ pub async fn layer(
 
     let mut res = normalise_error(res).await;
     let headers = res.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        headers.insert(X_REQUEST_ID, v);
+    if let Some(v) = &request_id_header {
+        headers.insert(X_REQUEST_ID, v.clone());
     }
     if let Some(sb) = &st.served_by {
         headers.insert(X_SHOAL_SERVED_BY, sb.clone());
     }
     let status = res.status().as_u16();
     let elapsed = start.elapsed();
-    let route = match res.extensions().get::<RouteLabel>() {
-        Some(r) => r.0.to_string(),
-        None => route,
+    let label = res.extensions().get::<RouteLabel>().map(|r| r.0.clone());
+    let route: &str = match (&label, &matched) {
+        (Some(l), _) => l,
+        (None, Some(m)) => m.as_str(),
+        (None, None) => "unmatched",
     };
     if st.record_metrics {
         st.metrics
-            .observe_server(&route, &method, status, elapsed.as_secs_f64());
+            .observe_server(route, method.as_str(), status, elapsed.as_secs_f64());
     }
     if st.tracer.is_enabled() {
         server_span.rename(format!("{method} {route}"));
-        server_span.set("http.route", route);
+        server_span.set("http.route", route.to_string());
         server_span.set("http.response.status_code", status);
         if status >= 500 {
             server_span.fail(format!("answered {status}"));
         }
     }
     drop(server_span);
-    span.in_scope(|| {
-        let duration_ms = elapsed.as_millis() as u64;
-        if status >= 500 {
-            tracing::warn!(status, duration_ms, "served");
-        } else if st.access_log {
-            tracing::info!(status, duration_ms, "served");
-        } else {
-            tracing::debug!(status, duration_ms, "served");
-        }
-    });
+    let duration_ms = elapsed.as_millis() as u64;
+    // The fields are formatted only when the line is written.
+    let request_id = request_id_header.as_ref().and_then(|v| v.to_str().ok());
+    macro_rules! served {
+        ($level:ident) => {
+            tracing::$level!(
+                status,
+                duration_ms,
+                method = %method,
+                route,
+                request_id,
+                trace_id = %TraceIdHex(&trace),
+                "served"
+            )
+        };
+    }
+    if status >= 500 {
+        served!(warn);
+    } else if st.access_log {
+        served!(info);
+    } else {
+        served!(debug);
+    }
     res
+}
+
+/// A trace id formatted only when a log line is written.
+struct TraceIdHex<'a>(&'a TraceContext);
+
+impl std::fmt::Display for TraceIdHex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.trace_id_hex())
+    }
 }
 
 fn deadline_passed() -> Response {

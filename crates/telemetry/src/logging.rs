@@ -170,6 +170,13 @@ where
         line.insert("service".into(), Value::from(self.service.as_str()));
         line.insert("instance".into(), Value::from(self.instance.as_str()));
         line.insert("target".into(), Value::from(meta.target()));
+        // The request (or background work) being handled names itself: its ids are
+        // in the task's context, read only when a line is written. A span's or the
+        // event's own field of the same name wins.
+        crate::context::RequestContext::with_current(|c| {
+            line.insert("request_id".into(), Value::from(c.request_id.as_str()));
+            line.insert("trace_id".into(), Value::from(c.trace.trace_id_hex()));
+        });
         // Outer spans first, so an inner span's field wins over an outer one's.
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope.from_root() {
@@ -260,6 +267,43 @@ mod tests {
         assert_eq!(v["level"], "WARN");
         assert_eq!(v["status"], 503);
         assert_eq!(v["message"], "upstream failed");
+    }
+
+    #[tokio::test]
+    async fn lines_in_a_request_carry_its_ids_without_a_span() {
+        let buf = Buf::default();
+        let subscriber = tracing_subscriber::registry().with(JsonLayer::new(
+            "catalog",
+            "catalog-1",
+            buf.clone(),
+        ));
+        let _default = tracing::subscriber::set_default(subscriber);
+        let trace = shoal_core::trace::TraceContext::new_root();
+        let ctx = crate::context::RequestContext {
+            request_id: "r-7".into(),
+            trace,
+            deadline: None,
+            tracer: crate::spans::Tracer::disabled(),
+        };
+        ctx.scope(async {
+            tokio::task::yield_now().await;
+            tracing::warn!("inside");
+            // A field of the line's own wins over the context's.
+            tracing::warn!(request_id = "r-own", "own id");
+        })
+        .await;
+        tracing::warn!("outside");
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0]["request_id"], "r-7");
+        assert_eq!(lines[0]["trace_id"], trace.trace_id_hex().as_str());
+        assert_eq!(lines[1]["request_id"], "r-own");
+        assert!(lines[2].get("request_id").is_none(), "{text}");
+        assert!(lines[2].get("trace_id").is_none(), "{text}");
     }
 
     #[test]

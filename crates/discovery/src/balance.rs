@@ -59,6 +59,10 @@ pub struct Endpoint {
     ejections: AtomicU32,
     /// Ejected until this many milliseconds after [`epoch`]; 0 when not ejected.
     ejected_until_ms: AtomicU64,
+    /// The instance's address as a URI authority, parsed once rather than per call.
+    authority: Option<http::uri::Authority>,
+    /// The same as a `Host` header (which the client would otherwise format per call).
+    host: Option<http::HeaderValue>,
 }
 
 /// The zero of the balancer's ejection clock (tokio's, so tests can pause it).
@@ -73,8 +77,21 @@ fn now_ms() -> u64 {
 }
 
 impl Endpoint {
+    /// The instance's address as a URI authority (`None` only if it could not be
+    /// parsed as one, which a socket address always can).
+    pub fn authority(&self) -> Option<&http::uri::Authority> {
+        self.authority.as_ref()
+    }
+
+    /// The instance's address as a `Host` header value.
+    pub fn host_header(&self) -> Option<&http::HeaderValue> {
+        self.host.as_ref()
+    }
+
     fn new(instance: Instance) -> Self {
         Self {
+            authority: http::uri::Authority::try_from(instance.addr.to_string()).ok(),
+            host: http::HeaderValue::from_str(&instance.addr.to_string()).ok(),
             instance,
             inflight: AtomicUsize::new(0),
             failures: AtomicU32::new(0),

@@ -1,5 +1,6 @@
 use crate::{Balancer, InflightGuard, OutlierConfig};
 use bytes::Bytes;
+use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -267,6 +268,36 @@ impl Service<Shared<Full<Bytes>>> for Attempt {
 }
 
 impl CallerInner {
+    /// `path_and_query` on `ep`'s instance, over TLS when calls are mutual TLS.
+    fn instance_uri(
+        &self,
+        ep: &crate::Endpoint,
+        path_and_query: &PathAndQuery,
+    ) -> Result<Uri, Error> {
+        let scheme = if self.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let bad = |e: http::Error| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                Origin::Internal,
+                "bad request path",
+            )
+            .with_source(e)
+        };
+        let builder = Uri::builder().scheme(scheme);
+        let builder = match ep.authority() {
+            Some(a) => builder.authority(a.clone()),
+            None => builder.authority(ep.instance.addr.to_string()),
+        };
+        builder
+            .path_and_query(path_and_query.clone())
+            .build()
+            .map_err(bad)
+    }
+
     /// One attempt: an instance, then the request. A refused connection never
     /// reached the service, so another instance is tried (always safe).
     async fn attempt(
@@ -275,15 +306,12 @@ impl CallerInner {
         req: &Request<Full<Bytes>>,
     ) -> Result<Response<GuardedBody>, Error> {
         let start = Instant::now();
-        let mut headers = req.headers().clone();
-        if let Some(d) = req.extensions().get::<Deadline>() {
-            d.to_headers(&mut headers);
-        }
+        // Shared, not copied: each attempt's URI takes a reference.
         let path_and_query = req
             .uri()
             .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".to_string());
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let method = req.method().clone();
         let version = req
             .extensions()
@@ -297,7 +325,8 @@ impl CallerInner {
         let (span_ctx, parent) = match &current {
             Some((t, _)) => (t.child(), Some(t.span_id)),
             None => {
-                let sent = headers
+                let sent = req
+                    .headers()
                     .get(TRACEPARENT)
                     .and_then(|v| v.to_str().ok())
                     .and_then(TraceContext::parse);
@@ -308,9 +337,8 @@ impl CallerInner {
                 )
             }
         };
-        if let Ok(v) = HeaderValue::from_str(&span_ctx.to_header()) {
-            headers.insert(TRACEPARENT, v);
-        }
+        let traceparent = span_ctx.to_header_value();
+        let deadline = req.extensions().get::<Deadline>();
         let span = current.and_then(|(_, tracer)| tracer).map(|tracer| {
             let mut s = tracer.span(
                 span_ctx,
@@ -341,22 +369,24 @@ impl CallerInner {
                 break;
             };
             let ep = guard.endpoint();
-            let scheme = if self.tls.is_some() { "https" } else { "http" };
-            let uri: Uri = format!("{scheme}://{}{}", ep.instance.addr, path_and_query)
-                .parse()
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::InvalidInput,
-                        Origin::Internal,
-                        "bad request path",
-                    )
-                    .with_source(e)
-                })?;
+            let uri = self.instance_uri(ep, &path_and_query)?;
             let mut attempt = Request::new(req.body().clone());
             *attempt.method_mut() = method.clone();
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = req.version();
-            *attempt.headers_mut() = headers.clone();
+            // One copy of the request's headers per attempt, with this attempt's
+            // deadline and trace position.
+            let headers = attempt.headers_mut();
+            *headers = req.headers().clone();
+            if let Some(d) = deadline {
+                d.to_headers(headers);
+            }
+            headers.insert(TRACEPARENT, traceparent.clone());
+            if let Some(host) = ep.host_header() {
+                headers
+                    .entry(http::header::HOST)
+                    .or_insert_with(|| host.clone());
+            }
             let sent = match &self.tls {
                 None => self.http.request(attempt).await,
                 Some(tls) => match tls.client(service) {

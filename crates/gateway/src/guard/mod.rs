@@ -22,7 +22,7 @@ mod schema;
 pub(crate) use self::{
     cors::Cors,
     ip::{client_ip, deserialize_nets, forbidden},
-    ratelimit::{too_many, RateLimiter},
+    ratelimit::{too_many, ClientKey, RateLimiter},
     schema::BodySchema,
 };
 pub use self::{cors::CorsConfig, ip::IpRules, ratelimit::RateLimitConfig};

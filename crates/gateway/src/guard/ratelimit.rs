@@ -26,7 +26,7 @@ use http::{header, HeaderValue, StatusCode};
 use serde::Deserialize;
 use shoal_core::ApiError;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -92,6 +92,17 @@ struct Inner<C: Clock> {
 
 const NEVER: u64 = u64::MAX;
 
+/// Whose bucket a request takes from: a signed-in subject's, else its address's.
+/// Hashed as it is, so no key is formatted per request, and a subject never
+/// shares a bucket with an address.
+#[derive(Hash, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientKey<'a> {
+    /// The token's `sub`.
+    Subject(&'a str),
+    /// The client's address (after trusted proxies).
+    Address(std::net::IpAddr),
+}
+
 impl RateLimiter {
     /// A limiter applying `cfg` to each key, tracking at most `max_keys` keys (see the
     /// module doc for what happens beyond). `cfg` should have passed `validate`.
@@ -125,8 +136,9 @@ impl<C: Clock> RateLimiter<C> {
     }
 
     /// Take one request from `key`'s bucket; when it is empty, how long until one more
-    /// request would pass.
-    pub(crate) fn check(&self, key: &str) -> Result<(), Duration> {
+    /// request would pass. Keys are told apart by their hash (a [`ClientKey`] for
+    /// the gateway's clients).
+    pub(crate) fn check<K: Hash + ?Sized>(&self, key: &K) -> Result<(), Duration> {
         let inner = &*self.inner;
         inner.sweep_if_due();
         inner

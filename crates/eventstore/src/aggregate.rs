@@ -125,9 +125,12 @@ impl EventStore {
                 Err(e) if e.kind() == ErrorKind::Conflict && attempt < MAX_CONFLICT_RETRIES => {
                     attempt += 1;
                     tracing::debug!(stream, attempt, "conflict; deciding again");
-                    // A short random pause, so writers that lost together do not
-                    // collide again in the same group commit.
-                    let ms = fastrand::u64(0..=(attempt as u64).min(10));
+                    // A random pause, so writers that lost together do not collide
+                    // again in the same group commit. Its range doubles with each
+                    // loss (to 64 ms): on a busy machine, where commits are slow,
+                    // a short fixed range let one writer lose every round until it
+                    // ran out of retries while the others kept winning.
+                    let ms = fastrand::u64(0..=(1u64 << attempt.min(6)));
                     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                 }
                 Err(e) => return Err(e),

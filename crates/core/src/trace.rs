@@ -129,9 +129,7 @@ impl TraceContext {
         push_hex(&mut out, &[self.flags]);
         out
     }
-}
 
-impl TraceContext {
     /// The `traceparent` header value, as a header: its text is moved in, not
     /// copied (hex digits and dashes are always a valid value).
     pub fn to_header_value(&self) -> http::HeaderValue {

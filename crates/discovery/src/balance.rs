@@ -89,9 +89,10 @@ impl Endpoint {
     }
 
     fn new(instance: Instance) -> Self {
+        let addr = instance.addr.to_string();
         Self {
-            authority: http::uri::Authority::try_from(instance.addr.to_string()).ok(),
-            host: http::HeaderValue::from_str(&instance.addr.to_string()).ok(),
+            host: http::HeaderValue::from_str(&addr).ok(),
+            authority: http::uri::Authority::try_from(addr).ok(),
             instance,
             inflight: AtomicUsize::new(0),
             failures: AtomicU32::new(0),

@@ -202,7 +202,7 @@ pub async fn layer(
     }
     drop(server_span);
     let duration_ms = elapsed.as_millis() as u64;
-    // The fields are formatted only when the line is written.
+    // tracing evaluates the fields only for a line that is written.
     let request_id = request_id_header.as_ref().and_then(|v| v.to_str().ok());
     macro_rules! served {
         ($level:ident) => {
@@ -212,7 +212,7 @@ pub async fn layer(
                 method = %method,
                 route,
                 request_id,
-                trace_id = %TraceIdHex(&trace),
+                trace_id = %trace.trace_id_hex(),
                 "served"
             )
         };
@@ -225,15 +225,6 @@ pub async fn layer(
         served!(debug);
     }
     res
-}
-
-/// A trace id formatted only when a log line is written.
-struct TraceIdHex<'a>(&'a TraceContext);
-
-impl std::fmt::Display for TraceIdHex<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0.trace_id_hex())
-    }
 }
 
 fn deadline_passed() -> Response {

@@ -354,6 +354,18 @@ impl Client {
         Ok(Dec::new(frame.body))
     }
 
+    /// Sends a request without waiting for its answer, which the reader then
+    /// drops: returns once the request is queued on the connection.
+    async fn send_only(&self, request: &Request) -> Result<(), Error> {
+        let conn = self.conn().await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_request(id, request);
+        if !conn.alive.load(Ordering::SeqCst) || conn.tx.send(frame).await.is_err() {
+            return Err(lost(conn.addr));
+        }
+        Ok(())
+    }
+
     async fn empty_call(&self, request: Request, request_kind: u8) -> Result<(), Error> {
         let d = self
             .call(
@@ -699,11 +711,16 @@ impl Consumer for EmbeddedConsumer {
 
     fn ack<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
+            // Not waited for, as JetStream's acks are not: an ack lost with the
+            // connection, or refused because the broker forgot this member, only
+            // means the delivery comes again (at least once). Waiting for each
+            // answer bounded a consumer to one message per round trip. The broker
+            // carries acks out in the order they are sent, before what follows.
             let req = Request::Ack {
                 member: self.member.load(Ordering::SeqCst),
                 items: vec![Self::item(delivery)],
             };
-            self.client.empty_call(req, kind::ACK).await
+            self.client.send_only(&req).await
         })
     }
 

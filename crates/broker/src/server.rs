@@ -7,7 +7,8 @@
 //! ready. A publish is queued by the reader itself before it reads the next frame,
 //! so pipelined publishes are stored in the order they were sent and all of them
 //! can share one fsync. The writer sends whatever answers are ready in one write.
-//! A publish's answer is waited for by the writer itself, not by a task of its own:
+//! An ack is carried out by the reader too, in order. A publish's answer is waited
+//! for by the writer itself, not by a task of its own:
 //! the log's writer thread then wakes the task that writes the answer, one thread
 //! hop less between an fsync and the publisher hearing of it.
 
@@ -352,6 +353,18 @@ async fn dispatch(
                 let _ = tx.send(Outgoing::Frame(encode_error_for(id, &e))).await;
             }
         }
+        return;
+    }
+    // Acks too are carried out in read order, before the next frame: a client
+    // sends them without waiting for their answers, and whatever it sends after
+    // an ack (a lag query, a leave) must find it done. They never wait.
+    if let Request::Ack { member, items } = request {
+        let answer = match broker.ack(member, &items).await {
+            Ok(()) => encode_empty(kind::ACK, id),
+            Err(e) => encode_error_for(id, &e),
+        };
+        let _ = tx.send(Outgoing::Frame(answer)).await;
+        drop(permits);
         return;
     }
     let broker = broker.clone();

@@ -312,6 +312,9 @@ async fn a_restart_keeps_messages_topics_and_committed_offsets() {
         let d = tokio::time::timeout(WAIT, c.next()).await.unwrap().unwrap();
         c.ack(&d).await.unwrap();
     }
+    // Acks are not waited for; the broker carries them out before the next
+    // request on the same connection.
+    assert_eq!(bus.lag("t", "g").await.unwrap(), 6);
     let committed = served.broker.committed("t", "g").unwrap();
     assert_eq!(committed.iter().sum::<u64>(), 4);
     drop(c);
@@ -354,6 +357,7 @@ async fn a_consumer_reconnects_and_rejoins_after_the_broker_restarts() {
         .unwrap();
     let d = tokio::time::timeout(WAIT, c.next()).await.unwrap().unwrap();
     c.ack(&d).await.unwrap();
+    assert_eq!(bus.lag("t", "g").await.unwrap(), 0);
     served.stop().await;
 
     // Calls while the broker is down fail as retryable.
@@ -435,6 +439,7 @@ async fn retention_moves_a_group_past_deleted_messages() {
     let d = tokio::time::timeout(WAIT, c.next()).await.unwrap().unwrap();
     assert_eq!(d.message.offset, first);
     c.ack(&d).await.unwrap();
+    assert_eq!(bus.lag("t", "g").await.unwrap(), 30 - first - 1);
     assert_eq!(served.broker.committed("t", "g").unwrap(), vec![first + 1]);
     served.stop().await;
 }

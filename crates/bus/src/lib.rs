@@ -326,7 +326,11 @@ pub trait Consumer: Send {
     /// The next delivery, waiting for one.
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, Error>>;
 
-    /// Done with `delivery`: it is not delivered again.
+    /// Done with `delivery`: it is not delivered again. Answers once the ack is on
+    /// its way, not confirmed (on both backends, as JetStream's own acks): an ack
+    /// lost with the connection means the delivery comes again, as at-least-once
+    /// allows. On the embedded broker, calls made after it on the same bus find it
+    /// carried out.
     fn ack<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), Error>>;
 
     /// Failed: deliver it again after `delay` (the options' backoff for its attempt

@@ -6,7 +6,7 @@
 # option arrived in 2.10), through the same Rust client pattern, in one run.
 #
 #   bash bench/bus.sh [scale] [figures]  # 1.0 by default; 0.1 for a quick look;
-#                                        # figures: lone,pipe,fan,latency (all)
+#                                        # figures: lone,pipe,fan,consume,latency (all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/nats-server start)"
@@ -35,4 +35,4 @@ for _ in $(seq 100); do
   if (exec 3<>"/dev/tcp/127.0.0.1/$broker_port") 2>/dev/null; then break; fi
   sleep 0.1
 done
-target/release/bus-throughput "127.0.0.1:$broker_port" "$NATS_TEST_URL" "${1:-1.0}" "${2:-lone,pipe,fan,latency}"
+target/release/bus-throughput "127.0.0.1:$broker_port" "$NATS_TEST_URL" "${1:-1.0}" "${2:-lone,pipe,fan,consume,latency}"

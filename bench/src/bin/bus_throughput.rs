@@ -5,7 +5,7 @@
 //!
 //! Usage: `bus-throughput <embedded-addr> <nats-url> [scale] [figures]`. Run by
 //! `bench/bus.sh`, which starts both servers. `figures` picks some of `lone`, `pipe`,
-//! `fan` (16 publishers) and `latency`, comma-separated (all by default).
+//! `fan` (16 publishers), `consume` (the last two with a consumer) and `latency`, comma-separated (all by default).
 
 use bytes::Bytes;
 use shoal_bench::{median, report};
@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-/// 256-byte messages.
-fn message(i: u64) -> OutgoingMessage {
+/// 256-byte messages: `i`, then the µs since `origin` when it was made.
+fn message(i: u64, origin: Instant) -> OutgoingMessage {
     let mut body = vec![b'x'; 256];
     body[..8].copy_from_slice(&i.to_le_bytes());
+    body[8..16].copy_from_slice(&(origin.elapsed().as_micros() as u64).to_le_bytes());
     OutgoingMessage::new(Bytes::from(body)).with_key(format!("k{}", i % 64))
 }
 
@@ -36,23 +37,61 @@ async fn fresh_topic(bus: &SharedBus, tag: &str) -> String {
     t
 }
 
-/// Messages per second from one publisher awaiting each acknowledgement.
-async fn lone(bus: &SharedBus, n: u64) -> f64 {
-    let t = fresh_topic(bus, "lone").await;
-    let start = Instant::now();
-    for i in 0..n {
-        shoal_bus::publish_one(bus.as_ref(), &t, message(i))
-            .await
-            .expect("publish");
-    }
-    n as f64 / start.elapsed().as_secs_f64()
+/// One throughput round: its rate and the p50 and p99 of its publishes' wait for
+/// their acknowledgement, in µs (for the embedded broker that wait includes the
+/// fsync); with a consumer, the p50 and p99 from publish to delivery too.
+#[derive(Clone, Copy)]
+struct Round {
+    rate: f64,
+    ack_p50: f64,
+    ack_p99: f64,
+    consume_p50: f64,
+    consume_p99: f64,
 }
 
-/// Messages per second from `publishers` tasks, each keeping up to `window`
-/// single-message publishes in flight.
-async fn pipelined(bus: &SharedBus, publishers: u64, window: usize, n: u64) -> f64 {
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * q) as usize]
+}
+
+/// `publishers` tasks, each keeping up to `window` single-message publishes in
+/// flight; with `consume`, one group member takes every message meanwhile,
+/// acking each.
+async fn pipelined(
+    bus: &SharedBus,
+    publishers: u64,
+    window: usize,
+    n: u64,
+    consume: bool,
+) -> Round {
     let t = fresh_topic(bus, "pipe").await;
     let per = n / publishers;
+    let origin = Instant::now();
+    let consumer = if consume {
+        let mut c = bus
+            .subscribe(&t, "bench", SubscribeOptions::default())
+            .await
+            .expect("subscribe");
+        Some(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity((per * publishers) as usize);
+            for _ in 0..per * publishers {
+                let d = tokio::time::timeout(Duration::from_secs(60), c.next())
+                    .await
+                    .expect("delivery within 60 s")
+                    .expect("delivery");
+                let mut sent = [0u8; 8];
+                sent.copy_from_slice(&d.message.payload[8..16]);
+                let now_us = origin.elapsed().as_micros() as u64;
+                lat.push(now_us.saturating_sub(u64::from_le_bytes(sent)) as f64);
+                c.ack(&d).await.expect("ack");
+            }
+            lat
+        }))
+    } else {
+        None
+    };
     let start = Instant::now();
     let tasks: Vec<_> = (0..publishers)
         .map(|p| {
@@ -61,30 +100,48 @@ async fn pipelined(bus: &SharedBus, publishers: u64, window: usize, n: u64) -> f
             tokio::spawn(async move {
                 let window = Arc::new(Semaphore::new(window));
                 let mut set = tokio::task::JoinSet::new();
+                let mut waits = Vec::with_capacity(per as usize);
                 for i in 0..per {
                     let permit = window.clone().acquire_owned().await.expect("window");
                     let bus = bus.clone();
                     let t = t.clone();
                     set.spawn(async move {
-                        shoal_bus::publish_one(bus.as_ref(), &t, message(p * per + i))
+                        let sent = Instant::now();
+                        shoal_bus::publish_one(bus.as_ref(), &t, message(p * per + i, origin))
                             .await
                             .expect("publish");
                         drop(permit);
+                        sent.elapsed().as_secs_f64() * 1e6
                     });
                     while let Some(r) = set.try_join_next() {
-                        r.expect("publish task");
+                        waits.push(r.expect("publish task"));
                     }
                 }
                 while let Some(r) = set.join_next().await {
-                    r.expect("publish task");
+                    waits.push(r.expect("publish task"));
                 }
+                waits
             })
         })
         .collect();
+    let mut waits = Vec::with_capacity(n as usize);
     for task in tasks {
-        task.await.expect("publisher");
+        waits.extend(task.await.expect("publisher"));
     }
-    (per * publishers) as f64 / start.elapsed().as_secs_f64()
+    let rate = (per * publishers) as f64 / start.elapsed().as_secs_f64();
+    waits.sort_by(|a, b| a.total_cmp(b));
+    let mut consumed = match consumer {
+        Some(c) => c.await.expect("consumer"),
+        None => Vec::new(),
+    };
+    consumed.sort_by(|a, b| a.total_cmp(b));
+    Round {
+        rate,
+        ack_p50: quantile(&waits, 0.50),
+        ack_p99: quantile(&waits, 0.99),
+        consume_p50: quantile(&consumed, 0.50),
+        consume_p99: quantile(&consumed, 0.99),
+    }
 }
 
 /// p50 and p99 publish-to-consume latency in µs at a steady `rate` for `n`
@@ -129,19 +186,40 @@ async fn latency(bus: &SharedBus, n: u64, rate: u64) -> (f64, f64) {
     (p(0.50), p(0.99))
 }
 
-/// Median of three rounds, alternating the two backends so a noisy stretch of the
-/// shared machine hits both.
-async fn both<F, Fut>(ours: &SharedBus, reference: &SharedBus, f: F) -> (f64, f64)
+/// Three rounds of each, alternating the two backends so a noisy stretch of the
+/// shared machine hits both; each figure is the median of its three.
+async fn both<F, Fut>(ours: &SharedBus, reference: &SharedBus, f: F) -> (Vec<Round>, Vec<Round>)
 where
     F: Fn(SharedBus) -> Fut,
-    Fut: std::future::Future<Output = f64>,
+    Fut: std::future::Future<Output = Round>,
 {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         b.push(f(reference.clone()).await);
         a.push(f(ours.clone()).await);
     }
-    (median(a), median(b))
+    (a, b)
+}
+
+/// Prints a load's throughput, its publishes' wait for their acks (p50, p99) and,
+/// when it had a consumer, its publish-to-consume latency (p50, p99).
+fn report_rounds(load: &str, ours: &[Round], reference: &[Round]) {
+    type Figure = (&'static str, &'static str, fn(&Round) -> f64);
+    let figures: [Figure; 5] = [
+        ("publish", "msgs/s", |r| r.rate),
+        ("publish-to-ack p50", "us", |r| r.ack_p50),
+        ("publish-to-ack p99", "us", |r| r.ack_p99),
+        ("publish-to-consume p50", "us", |r| r.consume_p50),
+        ("publish-to-consume p99", "us", |r| r.consume_p99),
+    ];
+    let med = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
+    for (metric, unit, f) in figures {
+        let (a, b) = (med(ours, f), med(reference, f));
+        // Loads without a consumer have no publish-to-consume figures.
+        if !a.is_nan() {
+            report(&format!("{metric}, {load}"), a, b, unit);
+        }
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +235,7 @@ async fn main() {
     let n = |x: f64| ((x * scale) as u64).max(64);
     let figures = args
         .next()
-        .unwrap_or_else(|| "lone,pipe,fan,latency".into());
+        .unwrap_or_else(|| "lone,pipe,fan,consume,latency".into());
     let run = |f: &str| figures.split(',').any(|x| x == f);
 
     let ours: SharedBus = Arc::new(
@@ -171,45 +249,55 @@ async fn main() {
             .expect("connect to nats-server"),
     );
 
+    println!(
+        "# ours: the embedded broker, which acknowledges after fsync; reference: NATS JetStream 2.9, file storage, which acknowledges before fsync"
+    );
     let lone_n = n(2_000.0);
     if run("lone") {
-        let (a, b) = both(
-            &ours,
-            &reference,
-            |bus| async move { lone(&bus, lone_n).await },
-        )
+        let (a, b) = both(&ours, &reference, |bus| async move {
+            pipelined(&bus, 1, 1, lone_n, false).await
+        })
         .await;
-        report(
-            "publish, one publisher awaiting each ack (embedded: fsync before ack, bounded by one fsync per message; reference: JetStream, acks before fsync)",
-            a,
-            b,
-            "msgs/s",
+        report_rounds(
+            "one publisher awaiting each ack (embedded: bounded by one fsync per message)",
+            &a,
+            &b,
         );
     }
     let pipe_n = n(100_000.0);
     if run("pipe") {
         let (a, b) = both(&ours, &reference, |bus| async move {
-            pipelined(&bus, 1, 256, pipe_n).await
+            pipelined(&bus, 1, 256, pipe_n, false).await
         })
         .await;
-        report(
-            "publish, one pipelined publisher, 256 in flight (reference: JetStream)",
-            a,
-            b,
-            "msgs/s",
+        report_rounds("one pipelined publisher, 256 in flight", &a, &b);
+    }
+    if run("consume") {
+        let (a, b) = both(&ours, &reference, |bus| async move {
+            pipelined(&bus, 1, 256, pipe_n, true).await
+        })
+        .await;
+        report_rounds(
+            "one pipelined publisher, 256 in flight, one consumer acking each",
+            &a,
+            &b,
+        );
+        let (a, b) = both(&ours, &reference, |bus| async move {
+            pipelined(&bus, 16, 1, n(20_000.0), true).await
+        })
+        .await;
+        report_rounds(
+            "16 concurrent publishers awaiting each ack, one consumer acking each",
+            &a,
+            &b,
         );
     }
     if run("fan") {
         let (a, b) = both(&ours, &reference, |bus| async move {
-            pipelined(&bus, 16, 1, n(20_000.0)).await
+            pipelined(&bus, 16, 1, n(20_000.0), false).await
         })
         .await;
-        report(
-            "publish, 16 concurrent publishers awaiting each ack (reference: JetStream)",
-            a,
-            b,
-            "msgs/s",
-        );
+        report_rounds("16 concurrent publishers awaiting each ack", &a, &b);
     }
     if !run("latency") {
         return;
@@ -224,13 +312,13 @@ async fn main() {
         median(v.iter().map(|x| if i == 0 { x.0 } else { x.1 }).collect())
     };
     report(
-        "publish-to-consume latency p50 at 1,000 msgs/s (reference: JetStream)",
+        "publish-to-consume p50 at 1,000 msgs/s",
         pick(&ours_lat, 0),
         pick(&ref_lat, 0),
         "us",
     );
     report(
-        "publish-to-consume latency p99 at 1,000 msgs/s (reference: JetStream)",
+        "publish-to-consume p99 at 1,000 msgs/s",
         pick(&ours_lat, 1),
         pick(&ref_lat, 1),
         "us",

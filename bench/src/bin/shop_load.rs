@@ -83,16 +83,25 @@ fn system_file(repo: &Path, dir: &Path) -> PathBuf {
         .get_mut("services")
         .and_then(|s| s.as_table_mut())
         .expect("[services]");
+    // The file is written elsewhere, so the repository's relative paths (a
+    // program, a script it runs, a config file) are made absolute; a bare program
+    // name such as `python3` is left to the PATH.
+    let absolute = |v: &toml::Value| match v.as_str() {
+        Some(p) if p.contains('/') && !p.starts_with('/') => abs(v),
+        _ => v.clone(),
+    };
     for (_, spec) in services.iter_mut() {
         let spec = spec.as_table_mut().expect("service table");
-        let program = spec["command"].as_array().expect("command")[0]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        spec.insert(
-            "command".into(),
-            toml::Value::Array(vec![repo.join(program).display().to_string().into()]),
-        );
+        let command: Vec<toml::Value> = spec["command"]
+            .as_array()
+            .expect("command")
+            .iter()
+            .map(absolute)
+            .collect();
+        spec.insert("command".into(), toml::Value::Array(command));
+        if let Some(c) = spec.get("config").map(absolute) {
+            spec.insert("config".into(), c);
+        }
     }
     let mut sup = toml::Table::new();
     sup.insert(

@@ -84,7 +84,8 @@ pub struct OutgoingMessage {
 }
 
 impl OutgoingMessage {
-    /// A message with a fresh time-ordered id.
+    /// A message with a fresh id: a UUIDv7, so ids sort by the millisecond they
+    /// were made in (not within one).
     pub fn new(payload: impl Into<Bytes>) -> Self {
         Self {
             id: fresh_id(),
@@ -147,7 +148,8 @@ impl OutgoingMessage {
 }
 
 /// A UUIDv7 with its random part from the thread's fast generator: a message id must
-/// be unique, not secret, and the OS generator cost every message a system call.
+/// be unique, not secret, and the OS generator would cost every message a system
+/// call.
 fn fresh_id() -> String {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -252,52 +252,58 @@ async fn main() {
     println!(
         "# ours: the embedded broker, which acknowledges after fsync; reference: NATS JetStream 2.9, file storage, which acknowledges before fsync"
     );
-    let lone_n = n(2_000.0);
-    if run("lone") {
-        let (a, b) = both(&ours, &reference, |bus| async move {
-            pipelined(&bus, 1, 1, lone_n, false).await
-        })
-        .await;
-        report_rounds(
+    let (pipe_n, fan_n) = (n(100_000.0), n(20_000.0));
+    // (figure, load, publishers, in flight per publisher, messages, with a consumer)
+    let loads = [
+        (
+            "lone",
             "one publisher awaiting each ack (embedded: bounded by one fsync per message)",
-            &a,
-            &b,
-        );
-    }
-    let pipe_n = n(100_000.0);
-    if run("pipe") {
-        let (a, b) = both(&ours, &reference, |bus| async move {
-            pipelined(&bus, 1, 256, pipe_n, false).await
-        })
-        .await;
-        report_rounds("one pipelined publisher, 256 in flight", &a, &b);
-    }
-    if run("consume") {
-        let (a, b) = both(&ours, &reference, |bus| async move {
-            pipelined(&bus, 1, 256, pipe_n, true).await
-        })
-        .await;
-        report_rounds(
+            1,
+            1,
+            n(2_000.0),
+            false,
+        ),
+        (
+            "pipe",
+            "one pipelined publisher, 256 in flight",
+            1,
+            256,
+            pipe_n,
+            false,
+        ),
+        (
+            "consume",
             "one pipelined publisher, 256 in flight, one consumer acking each",
-            &a,
-            &b,
-        );
-        let (a, b) = both(&ours, &reference, |bus| async move {
-            pipelined(&bus, 16, 1, n(20_000.0), true).await
-        })
-        .await;
-        report_rounds(
+            1,
+            256,
+            pipe_n,
+            true,
+        ),
+        (
+            "consume",
             "16 concurrent publishers awaiting each ack, one consumer acking each",
-            &a,
-            &b,
-        );
-    }
-    if run("fan") {
-        let (a, b) = both(&ours, &reference, |bus| async move {
-            pipelined(&bus, 16, 1, n(20_000.0), false).await
-        })
-        .await;
-        report_rounds("16 concurrent publishers awaiting each ack", &a, &b);
+            16,
+            1,
+            fan_n,
+            true,
+        ),
+        (
+            "fan",
+            "16 concurrent publishers awaiting each ack",
+            16,
+            1,
+            fan_n,
+            false,
+        ),
+    ];
+    for (figure, load, publishers, window, count, consume) in loads {
+        if run(figure) {
+            let (a, b) = both(&ours, &reference, |bus| async move {
+                pipelined(&bus, publishers, window, count, consume).await
+            })
+            .await;
+            report_rounds(load, &a, &b);
+        }
     }
     if !run("latency") {
         return;

@@ -186,15 +186,20 @@ async fn latency(bus: &SharedBus, n: u64, rate: u64) -> (f64, f64) {
     (p(0.50), p(0.99))
 }
 
-/// Three rounds of each, alternating the two backends so a noisy stretch of the
-/// shared machine hits both; each figure is the median of its three.
+/// Rounds of each load per backend. A 16-publisher round lasts about half a
+/// second, and a noisy stretch of the shared machine can halve one: the median of
+/// five rides out two such rounds, of three only one.
+const ROUNDS: usize = 5;
+
+/// `ROUNDS` rounds of each, alternating the two backends so a noisy stretch of
+/// the shared machine hits both; each figure is the median of its rounds.
 async fn both<F, Fut>(ours: &SharedBus, reference: &SharedBus, f: F) -> (Vec<Round>, Vec<Round>)
 where
     F: Fn(SharedBus) -> Fut,
     Fut: std::future::Future<Output = Round>,
 {
     let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..ROUNDS {
         b.push(f(reference.clone()).await);
         a.push(f(ours.clone()).await);
     }

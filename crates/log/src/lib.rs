@@ -76,6 +76,8 @@
 //! The writer extends the active segment ahead of its data with written zeros
 //! ([`LogConfig::preallocate_bytes`]), so that a group's `fdatasync` has no file
 //! size or block allocation to journal (on ext4 it then takes about half as long).
+//! One zeroing thread per process writes them, ahead of need, so that no group
+//! commit waits for them.
 //! Zeros that begin exactly after the last complete batch and run to the end of
 //! the file are therefore the writer's, not damage: recovery keeps them and
 //! reports nothing. A clean close and every roll to a new segment cut them off,
@@ -90,6 +92,7 @@
 //! current; a change overwrites the other one. Files of the first format
 //! (`SHOFFS01`, one copy replaced by rename) are read and rewritten on change.
 
+mod ahead;
 mod config;
 mod error;
 mod index;

@@ -44,6 +44,9 @@ pub(crate) struct Shared {
     /// group and gathering the rest, to make group commit deterministic.
     #[cfg(test)]
     pub(crate) test_gate: Mutex<()>,
+    /// The active segment's zeros, for tests to wait on the zeroing thread.
+    #[cfg(test)]
+    pub(crate) ahead: Mutex<Option<Arc<crate::ahead::Ahead>>>,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +56,7 @@ pub(crate) struct Counters {
     pub(crate) batches: AtomicU64,
     pub(crate) records: AtomicU64,
     pub(crate) rolls: AtomicU64,
+    pub(crate) zeroed_inline: AtomicU64,
 }
 
 /// Counters since the log was opened.
@@ -68,6 +72,10 @@ pub struct LogStats {
     pub records: u64,
     /// New segments started.
     pub rolls: u64,
+    /// Extensions of the active segment the writer wrote itself, holding up the
+    /// appends behind it, because the zeroing thread had not got there (the first
+    /// of each segment, a batch larger than what is left, a full queue).
+    pub zeroed_inline: u64,
 }
 
 /// What [`Log::open`] found and repaired.
@@ -233,16 +241,28 @@ impl Log {
             on_durable: std::sync::OnceLock::new(),
             #[cfg(test)]
             test_gate: Mutex::new(()),
+            #[cfg(test)]
+            ahead: Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel(shared.config.write_queue);
         let (done_tx, done_rx) = oneshot::channel();
+        let ahead = crate::ahead::Ahead::new(
+            segment.clone(),
+            active.allocated,
+            shared.config.preallocate_bytes,
+            shared.config.segment_bytes,
+        );
+        #[cfg(test)]
+        {
+            *crate::util::lock(&shared.ahead) = Some(ahead.clone());
+        }
         let writer = Writer {
             shared: shared.clone(),
             rx,
-            active: segment,
+            active: segment.clone(),
             index_file: active.index_file,
             position: active.position,
-            allocated: active.allocated,
+            ahead,
             next_offset: active.next_offset,
             last_ts,
             last_indexed: active.last_indexed,
@@ -428,6 +448,7 @@ impl Log {
             batches: c.batches.load(Ordering::Relaxed),
             records: c.records.load(Ordering::Relaxed),
             rolls: c.rolls.load(Ordering::Relaxed),
+            zeroed_inline: c.zeroed_inline.load(Ordering::Relaxed),
         }
     }
 

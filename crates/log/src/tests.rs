@@ -416,6 +416,101 @@ async fn the_active_segment_is_written_into_zeros_ahead_of_the_data() {
     assert_matches(&read_all(&log).await, 0, fixed);
 }
 
+/// Waits for the zeroing thread to finish what the active segment asked of it.
+fn settle(log: &Log) {
+    let ahead = lock(&log.shared().ahead).clone().unwrap();
+    ahead.settle();
+}
+
+#[tokio::test]
+async fn the_zeroing_thread_extends_the_active_segment_before_the_writer_needs_it() {
+    let dir = TempDir::new("ahead");
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    let seg = segment_path(dir.path(), 0);
+    let mut next = 0;
+    let mut lens = BTreeSet::new();
+    // Batches of 40 records (5,520 bytes) to past 1 MiB, each extension given
+    // time to finish: the writer writes only the first 64 KiB of zeros itself.
+    while log.size_bytes() < 1 << 20 {
+        assert_eq!(
+            log.append((next..next + 40).map(fixed).collect())
+                .await
+                .unwrap(),
+            next..next + 40
+        );
+        next += 40;
+        settle(&log);
+        let len = fs::metadata(&seg).unwrap().len();
+        assert!(len > log.size_bytes(), "{len} after {}", log.size_bytes());
+        lens.insert(len);
+    }
+    assert_eq!(log.stats().zeroed_inline, 1);
+    // Each extension is asked for once half of the next one's length is left.
+    let kib: Vec<u64> = lens.into_iter().map(|l| l >> 10).collect();
+    assert_eq!(kib, [64, 128, 256, 512, 1024, 2048, 4096]);
+    assert_matches(&read_all(&log).await, 0, fixed);
+    // A crash keeps every record; a clean close cuts the zeros off.
+    let dir2 = TempDir::new("ahead-copy");
+    fs::copy(&seg, segment_path(dir2.path(), 0)).unwrap();
+    let copy = Log::open(dir2.path(), LogConfig::default()).unwrap();
+    assert_eq!(copy.recovery().truncation, None);
+    assert_eq!(copy.next_offset(), next);
+    log.close().await.unwrap();
+    drop(log);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), next * FIXED_LEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeros_never_overwrite_records_or_outlive_a_sealed_segment() {
+    // Small segments, large batches (a roll soon after the zeroing thread was
+    // asked for more) and eight appenders racing it: every segment must end up
+    // exactly its records, each record intact.
+    let dir = TempDir::new("ahead-race");
+    let config = LogConfig {
+        segment_bytes: 300 << 10,
+        retention_ms: None,
+        ..LogConfig::default()
+    };
+    let log = Arc::new(Log::open(dir.path(), config.clone()).unwrap());
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for i in 0..60u64 {
+                    // 138 bytes to 72 KiB: some batches fill much of a segment.
+                    let n = 1 + ((t * 7 + i) % 13) * ((t + i) % 3) * 20;
+                    log.append((0..n).map(fixed).collect()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = log.next_offset();
+    assert!(log.stats().rolls >= 3, "{:?}", log.stats());
+    let log = Arc::into_inner(log).unwrap();
+    log.close().await.unwrap();
+    drop(log);
+    let mut bytes = 0;
+    for entry in fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let len = fs::metadata(&path).unwrap().len();
+            assert_eq!(len % FIXED_LEN, 0, "{} is {len} bytes", path.display());
+            bytes += len;
+        }
+    }
+    assert_eq!(bytes, total * FIXED_LEN);
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!(log.recovery().truncation, None);
+    let all = read_all(&log).await;
+    assert_eq!(all.len() as u64, total);
+    for r in &all {
+        assert_eq!(r.payload.len(), 100, "record {}", r.offset);
+    }
+}
+
 #[tokio::test]
 async fn unfinished_batch_is_dropped_whole() {
     for cut in [FIXED_LEN / 3, FIXED_LEN] {

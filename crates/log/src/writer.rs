@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
+use crate::ahead::Ahead;
 use crate::error::{io_err, Error, Result};
 use crate::index::{self, IndexEntry};
 use crate::log::Shared;
@@ -33,9 +34,9 @@ pub(crate) struct Writer {
     pub(crate) index_file: Option<File>,
     /// Bytes written to the active segment (durable after each commit).
     pub(crate) position: u64,
-    /// Length of the active segment's file: `position` plus the zeros written
-    /// ahead of it (see [`LogConfig::preallocate_bytes`](crate::LogConfig)).
-    pub(crate) allocated: u64,
+    /// The zeros ahead of the active segment's records (see
+    /// [`LogConfig::preallocate_bytes`](crate::LogConfig)).
+    pub(crate) ahead: Arc<Ahead>,
     pub(crate) next_offset: u64,
     pub(crate) last_ts: u64,
     pub(crate) last_indexed: Option<u64>,
@@ -79,12 +80,13 @@ impl Writer {
     /// segment file is exactly its records. (A crash leaves them; recovery knows
     /// a zero tail at a batch boundary from a torn write.)
     fn trim(&mut self) {
-        if self.failed.is_some() || self.allocated <= self.position {
+        let allocated = self.ahead.close();
+        if self.failed.is_some() || allocated <= self.position {
             return;
         }
         let file = &self.active.file;
         match file.set_len(self.position).and_then(|()| file.sync_data()) {
-            Ok(()) => self.allocated = self.position,
+            Ok(()) => self.ahead.cut(self.position),
             Err(e) => {
                 warn!(path = %self.active.path.display(), error = %e, "cannot trim the preallocated tail")
             }
@@ -172,8 +174,11 @@ impl Writer {
             return Ok(());
         }
         let end = self.position + self.buf.len() as u64;
-        if end > self.allocated {
-            self.preallocate(end)?;
+        if self.ahead.ensure(self.position, end)? {
+            self.shared
+                .stats
+                .zeroed_inline
+                .fetch_add(1, Ordering::Relaxed);
         }
         self.active
             .file
@@ -181,36 +186,7 @@ impl Writer {
             .map_err(io_err("write", &self.active.path))?;
         self.position += self.buf.len() as u64;
         self.buf.clear();
-        Ok(())
-    }
-
-    /// Extends the active file with written zeros to at least `end`: by the file's
-    /// own length (at least 64 KiB) up to `preallocate_bytes`, never past the
-    /// segment size unless `end` is. The next fsync makes the new length durable;
-    /// the ones after it overwrite allocated blocks and journal nothing.
-    fn preallocate(&mut self, end: u64) -> Result<()> {
-        let cfg = &self.shared.config;
-        if cfg.preallocate_bytes == 0 {
-            return Ok(());
-        }
-        let step = self
-            .allocated
-            .clamp(64 << 10, cfg.preallocate_bytes.max(64 << 10))
-            .min(cfg.preallocate_bytes);
-        let target = (self.allocated + step).min(cfg.segment_bytes).max(end);
-        // Fallocate would leave unwritten extents, whose first write is journaled
-        // like an append: the zeros must really be written.
-        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-        let mut at = self.allocated.max(self.position);
-        while at < target {
-            let n = (target - at).min(ZEROS.len() as u64) as usize;
-            self.active
-                .file
-                .write_all_at(&ZEROS[..n], at)
-                .map_err(io_err("preallocate", &self.active.path))?;
-            at += n as u64;
-        }
-        self.allocated = target;
+        self.ahead.request(self.position);
         Ok(())
     }
 
@@ -247,11 +223,12 @@ impl Writer {
     fn roll(&mut self) -> Result<()> {
         // A sealed segment is exactly its records: readers and recovery take a
         // sealed file's length as its end. Durable before the next file exists.
-        if self.allocated > self.position {
+        if self.ahead.close() > self.position {
             self.active
                 .file
                 .set_len(self.position)
                 .map_err(io_err("truncate", &self.active.path))?;
+            self.ahead.cut(self.position);
         }
         self.fsync()?;
         self.publish_index();
@@ -298,9 +275,18 @@ impl Writer {
         }
         debug!(base, "rolled to a new segment");
         self.shared.stats.rolls.fetch_add(1, Ordering::Relaxed);
+        self.ahead = Ahead::new(
+            segment.clone(),
+            0,
+            self.shared.config.preallocate_bytes,
+            self.shared.config.segment_bytes,
+        );
+        #[cfg(test)]
+        {
+            *crate::util::lock(&self.shared.ahead) = Some(self.ahead.clone());
+        }
         self.active = segment;
         self.position = 0;
-        self.allocated = 0;
         self.last_indexed = None;
         Ok(())
     }
